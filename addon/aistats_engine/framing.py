@@ -1,0 +1,214 @@
+"""Incremental framers: turn a byte stream split anywhere into whole events.
+
+mitmproxy hands the stream callable whatever the transport delivered (one HTTP chunk, one
+socket read, one DATA frame), so event boundaries must be found here. Each framer keeps at
+most one partial event; a partial event larger than ``max_event`` is dropped and counted,
+so a broken upstream cannot grow memory without bound.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Event:
+    """One framed event: the SSE ``event:`` name (or None) and its data payload."""
+
+    name: str | None
+    data: bytes
+
+
+class SSEFramer:
+    """Server-Sent Events: events end at a blank line (``\\n\\n``, ``\\r\\n\\r\\n``, ``\\r\\r``).
+
+    ``data:`` with or without a space, multi-line ``data:`` joined with ``\\n``, comments and
+    ``id:``/``retry:`` fields ignored, as the WHATWG EventSource parser does.
+    """
+
+    __slots__ = ("_buf", "max_event", "oversized", "_skipping")
+
+    def __init__(self, max_event: int = 8 << 20) -> None:
+        self._buf = b""
+        self.max_event = max_event
+        self.oversized = 0
+        self._skipping = False
+
+    def feed(self, data: bytes) -> list[Event]:
+        buf = self._buf + data if self._buf else data
+        if b"\r" in buf:
+            # A trailing CR may be the first half of a CRLF split across chunks: keep it back.
+            if buf.endswith(b"\r"):
+                buf, tail = buf[:-1], b"\r"
+            else:
+                tail = b""
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + tail
+        parts = buf.split(b"\n\n")
+        self._buf = _keep_rest(self, parts)
+        return [ev for block in parts if (ev := _parse_sse_block(block)) is not None]
+
+    def pending(self) -> bytes:
+        """Bytes of an unterminated event (a stream that ended mid-event)."""
+        return self._buf
+
+    def close(self) -> list[Event]:
+        """Flush at end of stream: a final event without its blank line still counts."""
+        rest, self._buf = self._buf, b""
+        rest = rest.replace(b"\r", b"")
+        if not rest.strip():
+            return []
+        ev = _parse_sse_block(rest)
+        return [ev] if ev is not None else []
+
+
+def _keep_rest(framer: SSEFramer | NDJSONFramer, parts: list[bytes]) -> bytes:
+    """Pop the unterminated tail off ``parts`` and return what to keep of it.
+
+    Events over ``max_event`` bytes are dropped whole, whether they arrive in one piece or in
+    many (then the framer skips to the next boundary), so chunking never changes the result.
+    """
+    rest = parts.pop()
+    if framer._skipping and parts:
+        parts.pop(0)  # the tail of the oversized event
+        framer._skipping = False
+    if framer._skipping:
+        return b""
+    big = [p for p in parts if len(p) > framer.max_event]
+    if big:
+        framer.oversized += len(big)
+        parts[:] = [p for p in parts if len(p) <= framer.max_event]
+    if len(rest) > framer.max_event:
+        framer.oversized += 1
+        framer._skipping = True
+        return b""
+    return rest
+
+
+def _parse_sse_block(block: bytes) -> Event | None:
+    if block.startswith(b"data: ") and b"\n" not in block:  # the common case, fast
+        return Event(None, block[6:])
+    name: str | None = None
+    data: list[bytes] = []
+    for line in block.split(b"\n"):
+        if not line or line[0] == 0x3A:  # empty or ":" comment
+            continue
+        field, sep, value = line.partition(b":")
+        if sep and value[:1] == b" ":
+            value = value[1:]
+        if field == b"data":
+            data.append(value)
+        elif field == b"event":
+            name = value.decode("utf-8", "replace")
+    if not data and name is None:
+        return None
+    return Event(name, b"\n".join(data))
+
+
+class NDJSONFramer:
+    """Newline-delimited JSON (Ollama): one event per non-empty line."""
+
+    __slots__ = ("_buf", "max_event", "oversized", "_skipping")
+
+    def __init__(self, max_event: int = 8 << 20) -> None:
+        self._buf = b""
+        self.max_event = max_event
+        self.oversized = 0
+        self._skipping = False
+
+    def feed(self, data: bytes) -> list[Event]:
+        buf = self._buf + data if self._buf else data
+        lines = buf.split(b"\n")
+        self._buf = _keep_rest(self, lines)
+        return [Event(None, s) for line in lines if (s := line.strip())]
+
+    def pending(self) -> bytes:
+        return self._buf
+
+    def close(self) -> list[Event]:
+        rest, self._buf = self._buf.strip(), b""
+        return [Event(None, rest)] if rest else []
+
+
+class AWSEventStreamFramer:
+    """AWS event stream (Bedrock ``application/vnd.amazon.eventstream``).
+
+    Binary frames: total length (4), headers length (4), prelude CRC (4), headers, payload,
+    message CRC (4). The event name is the ``:event-type`` header (or ``:exception-type``).
+    """
+
+    __slots__ = ("_buf", "max_event", "oversized", "bad_frames")
+
+    def __init__(self, max_event: int = 8 << 20) -> None:
+        self._buf = bytearray()
+        self.max_event = max_event
+        self.oversized = 0
+        self.bad_frames = 0
+
+    def feed(self, data: bytes) -> list[Event]:
+        self._buf += data
+        out: list[Event] = []
+        while len(self._buf) >= 12:
+            total, hlen, crc = struct.unpack_from(">III", self._buf, 0)
+            if zlib.crc32(bytes(self._buf[:8])) != crc or total < 16 or total > self.max_event:
+                # Cannot resynchronise a length-prefixed stream: drop what is buffered.
+                self.bad_frames += 1
+                self._buf.clear()
+                break
+            if len(self._buf) < total:
+                break
+            frame = bytes(self._buf[:total])
+            del self._buf[:total]
+            headers = _aws_headers(frame[12 : 12 + hlen])
+            name = headers.get(":event-type") or headers.get(":exception-type")
+            out.append(Event(name, frame[12 + hlen : total - 4]))
+        return out
+
+    def pending(self) -> bytes:
+        return bytes(self._buf)
+
+    def close(self) -> list[Event]:
+        return []
+
+
+def _aws_headers(raw: bytes) -> dict[str, str]:
+    """String-typed headers only (type 7); others are skipped by their fixed sizes."""
+    sizes = {0: 0, 1: 0, 2: 1, 3: 2, 4: 4, 5: 8, 8: 8, 9: 16}
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(raw):
+        nlen = raw[i]
+        name = raw[i + 1 : i + 1 + nlen].decode("utf-8", "replace")
+        i += 1 + nlen
+        htype = raw[i]
+        i += 1
+        if htype in (6, 7):
+            (vlen,) = struct.unpack_from(">H", raw, i)
+            value = raw[i + 2 : i + 2 + vlen]
+            i += 2 + vlen
+            if htype == 7:
+                out[name] = value.decode("utf-8", "replace")
+        elif htype in sizes:
+            i += sizes[htype]
+        else:
+            break
+    return out
+
+
+Framer = SSEFramer | NDJSONFramer | AWSEventStreamFramer
+
+STREAM_CONTENT_TYPES = {
+    "text/event-stream": SSEFramer,
+    "application/x-ndjson": NDJSONFramer,
+    "application/ndjson": NDJSONFramer,
+    "application/jsonl": NDJSONFramer,
+    "application/vnd.amazon.eventstream": AWSEventStreamFramer,
+}
+
+
+def framer_for(content_type: str | None) -> type[Framer] | None:
+    """The framer class for a streamed content type, or None for a whole-body response."""
+    if not content_type:
+        return None
+    return STREAM_CONTENT_TYPES.get(content_type.split(";", 1)[0].strip().lower())

@@ -1,0 +1,241 @@
+"""Protocol readers: what each wire format's request and response say.
+
+``read_request`` reads the request body. ``ResponseReader`` reads one stream event at a time
+(``on_event``) or a whole JSON body (``on_body``) and accumulates usage, server speeds, finish
+reason, response model, response id and in-stream errors. It also says which events carry
+generated content, which drives TTFT and the chunk count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from . import errors
+from .usage import ServerStats, Usage, read_usage
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    model: str | None = None
+    stream: bool | None = None
+    chat_round: int | None = None
+    invalid_json: bool = False
+    body: Any = None  # the parsed request JSON (for attribute rules), None if not JSON
+
+
+def read_request(body: bytes | None) -> RequestInfo:
+    if not body:
+        return RequestInfo()
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return RequestInfo(invalid_json=True)
+    if not isinstance(obj, dict):
+        return RequestInfo(body=obj)
+    model = obj.get("model") if isinstance(obj.get("model"), str) else None
+    stream = obj.get("stream") if isinstance(obj.get("stream"), bool) else None
+    return RequestInfo(model=model or None, stream=stream, chat_round=_chat_round(obj), body=obj)
+
+
+def _chat_round(obj: dict) -> int | None:
+    """Number of user messages: OpenAI/Anthropic/Ollama ``messages``, Gemini ``contents``,
+    Responses ``input``."""
+    msgs = obj.get("messages")
+    if isinstance(msgs, list):
+        return sum(1 for m in msgs if isinstance(m, dict) and m.get("role") == "user")
+    contents = obj.get("contents")
+    if isinstance(contents, list):
+        return sum(1 for c in contents if isinstance(c, dict) and c.get("role", "user") == "user")
+    inp = obj.get("input")
+    if isinstance(inp, str):
+        return 1
+    if isinstance(inp, list):
+        return sum(1 for m in inp if isinstance(m, dict) and m.get("role") == "user")
+    prompt = obj.get("prompt")
+    if isinstance(prompt, str):
+        return 1
+    return None
+
+
+_RESPONSES_CONTENT = frozenset({
+    "response.output_text.delta", "response.refusal.delta", "response.reasoning_text.delta",
+    "response.reasoning_summary_text.delta", "response.function_call_arguments.delta",
+    "response.custom_tool_call_input.delta", "response.audio.delta",
+    "response.audio.transcript.delta",
+})
+_RESPONSES_END = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+@dataclass(slots=True)
+class ResponseReader:
+    api: str | None
+    usage: Usage | None = None
+    stats: ServerStats = field(default_factory=ServerStats)
+    finish_reason: str | None = None
+    response_model: str | None = None
+    chat_id: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    hints: set[str] = field(default_factory=set)
+    events: int = 0
+    invalid_events: int = 0
+
+    # -- streams ---------------------------------------------------------------------------
+    def on_event(self, name: str | None, data: bytes) -> bool:
+        """Read one framed event; True when it carries generated content."""
+        if not data or data == b"[DONE]":
+            return False
+        self.events += 1
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.invalid_events += 1
+            return False
+        if not isinstance(obj, dict):
+            return False
+        if name == "error" or obj.get("type") == "error" or (
+                isinstance(obj.get("error"), dict) and "choices" not in obj):
+            self._stream_error(obj, "stream_error")
+            return False
+        self._common(obj)
+        return self._content(name, obj)
+
+    def _content(self, name: str | None, obj: dict) -> bool:
+        api = self.api
+        if api == "messages":
+            t = obj.get("type")
+            if t == "message_delta":
+                d = obj.get("delta")
+                if isinstance(d, dict) and d.get("stop_reason"):
+                    self.finish_reason = d["stop_reason"]
+            return t == "content_block_delta"
+        if api == "responses":
+            t = obj.get("type")
+            if t in _RESPONSES_CONTENT:
+                return bool(obj.get("delta"))
+            if t in _RESPONSES_END:
+                r = obj.get("response")
+                if isinstance(r, dict):
+                    self._responses_final(r)
+                    if t == "response.failed":
+                        self._stream_error(r, "response_failed")
+            return False
+        if api == "generate_content":
+            return _gemini_content(obj)
+        if api in ("ollama_chat", "ollama_generate"):
+            m = obj.get("message")
+            if isinstance(m, dict) and (m.get("content") or m.get("thinking") or m.get("tool_calls")):
+                return True
+            return bool(obj.get("response") or obj.get("thinking"))
+        if api == "converse":
+            return name == "contentBlockDelta" or "contentBlockDelta" in obj or (
+                isinstance(obj.get("delta"), dict) and "contentBlockIndex" in obj)
+        # OpenAI-compatible chat / completions (also llama.cpp, vLLM, infill)
+        content = False
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for c in choices:
+                if not isinstance(c, dict):
+                    continue
+                d = c.get("delta")
+                if isinstance(d, dict) and (d.get("content") or d.get("reasoning_content")
+                                            or d.get("reasoning") or d.get("tool_calls")
+                                            or d.get("function_call") or d.get("refusal")):
+                    content = True
+                elif c.get("text"):
+                    content = True
+        elif isinstance(obj.get("content"), str) and obj["content"]:  # llama.cpp /completion
+            content = True
+        return content
+
+    def _stream_error(self, obj: dict, default_type: str) -> None:
+        msg = errors.message_from(obj)
+        if msg is None and isinstance(obj.get("error"), dict):
+            msg = errors.message_from(obj["error"])
+        self.error = msg or self.error or "error event in stream"
+        self.error_type = errors.type_from(obj) or default_type
+
+    # -- whole bodies ----------------------------------------------------------------------
+    def on_body(self, obj: Any) -> None:
+        """Read a whole (non-streamed) JSON body."""
+        if isinstance(obj, list):  # llama.cpp /infill: the last element's timings
+            if obj and isinstance(obj[-1], dict):
+                self._common(obj[-1])
+            return
+        if not isinstance(obj, dict):
+            return
+        self._common(obj)
+        if self.api == "responses":
+            self._responses_final(obj)
+
+    # -- shared ----------------------------------------------------------------------------
+    def _common(self, obj: dict) -> None:
+        u = read_usage(obj, self.api)
+        if u is not None:
+            if self.usage is None:
+                self.usage = u
+            else:
+                self.usage.merge(u)
+        if "timings" in obj or "metrics" in obj or "eval_duration" in obj:
+            self.hints |= self.stats.take(obj)
+        if self.response_model is None:
+            m = obj.get("model") or obj.get("modelVersion")
+            if not isinstance(m, str):
+                inner = obj.get("message") or obj.get("response")
+                m = inner.get("model") if isinstance(inner, dict) else None
+            if isinstance(m, str) and m:
+                self.response_model = m
+        if self.chat_id is None:
+            i = obj.get("id") or obj.get("responseId")
+            if not isinstance(i, str):
+                inner = obj.get("message") or obj.get("response")
+                i = inner.get("id") if isinstance(inner, dict) else None
+            if isinstance(i, str) and i:
+                self.chat_id = i
+        fr = _finish_reason(obj)
+        if fr:
+            self.finish_reason = fr
+
+    def _responses_final(self, r: dict) -> None:
+        details = r.get("incomplete_details")
+        reason = details.get("reason") if isinstance(details, dict) else None
+        status = r.get("status")
+        if isinstance(reason, str) and reason:
+            self.finish_reason = reason
+        elif isinstance(status, str) and status:
+            self.finish_reason = status
+
+
+def _finish_reason(obj: dict) -> str | None:
+    choices = obj.get("choices")
+    if isinstance(choices, list):
+        for c in choices:
+            if isinstance(c, dict) and isinstance(c.get("finish_reason"), str):
+                return c["finish_reason"]
+    cands = obj.get("candidates")
+    if isinstance(cands, list):
+        for c in cands:
+            if isinstance(c, dict) and isinstance(c.get("finishReason"), str):
+                return c["finishReason"]
+    for key in ("stop_reason", "done_reason", "stopReason"):
+        v = obj.get(key)
+        if isinstance(v, str) and v:
+            return v
+    return None
+
+
+def _gemini_content(obj: dict) -> bool:
+    cands = obj.get("candidates")
+    if not isinstance(cands, list):
+        return False
+    for c in cands:
+        content = c.get("content") if isinstance(c, dict) else None
+        parts = content.get("parts") if isinstance(content, dict) else None
+        if isinstance(parts, list):
+            for p in parts:
+                if isinstance(p, dict) and (p.get("text") or p.get("functionCall")):
+                    return True
+    return False

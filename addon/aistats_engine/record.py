@@ -1,0 +1,92 @@
+"""The request record (contract: shared/spec/record.md, schema ``aistats.record/1``).
+
+One record per observed LLM request. Every output (log line, metrics, span, UI) reads it.
+Unknown values are ``None``, never 0 or -1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+SCHEMA = "aistats.record/1"
+
+
+@dataclass(slots=True)
+class Record:
+    # identity and transport
+    id: int
+    flow_id: str
+    start_time: str
+    end_time: str
+    method: str
+    scheme: str
+    host: str
+    port: int
+    path: str
+    status: int | None = None
+    response_content_type: str | None = None
+    stream: bool = False
+    # what was asked
+    provider: str | None = None
+    api: str | None = None
+    operation: str | None = None
+    model: str | None = None
+    response_model: str | None = None
+    # usage
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_tokens: int | None = None
+    cache_creation_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    total_tokens: int | None = None
+    usage_source: str = "missing"
+    # time
+    duration_ms: float | None = None
+    ttfb_ms: float | None = None
+    ttft_ms: float | None = None
+    decode_ms: float | None = None
+    chunks: int | None = None
+    prompt_per_second: float | None = None
+    tokens_per_second: float | None = None
+    observed_tokens_per_second: float | None = None
+    server_duration_ms: float | None = None
+    draft_tokens: int | None = None
+    draft_accepted_tokens: int | None = None
+    # outcome
+    error: str | None = None
+    error_type: str | None = None
+    finish_reason: str | None = None
+    parse_error: str | None = None
+    # attribution, money, content
+    session_id: str | None = None
+    consumer: str | None = None
+    user_agent: str | None = None
+    client: str | None = None
+    cost_usd: float | None = None
+    cost_source: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+    chat_id: str | None = None
+    chat_round: int | None = None
+    has_capture: bool = False
+    # Not logged: offsets (ms from request start) of content-bearing stream events, for the
+    # per-chunk latency histogram. Bounded by the observer's chunk-time cap.
+    content_offsets_ms: list[float] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of record.md (``schema`` first, internal fields left out)."""
+        out: dict[str, Any] = {"schema": SCHEMA}
+        for f in _LOGGED_FIELDS:
+            out[f] = getattr(self, f)
+        return out
+
+
+_LOGGED_FIELDS = tuple(f.name for f in dataclasses.fields(Record) if f.name != "content_offsets_ms")
+
+
+def rfc3339_ms(ts: float) -> str:
+    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-24T00:37:59.123Z``."""
+    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"

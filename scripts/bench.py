@@ -1,0 +1,703 @@
+#!/usr/bin/env python3
+"""Overhead benchmark: mitmdump + addon/aistats.py against mitmdump + scripts/passthrough.py (the floor).
+
+Both sides run in one invocation, alternating floor/aistats (ABBA order) so drift on this noisy VM
+hits both alike; each run is a fresh mitmdump pinned to CPU 1, while this process (fake upstream and
+client on one asyncio loop, raw streams, HTTP/1.1 chunked) is pinned to CPU 0. Workloads per run:
+
+* paced SSE: many concurrent OpenAI chat.completion.chunk streams, each event flushed separately a
+  few ms apart (like real LLM output) -> mitmdump CPU per event, client-side per-event latency;
+* unpaced SSE: events written back to back -> CPU per event, events/s;
+* non-streamed JSON (~2 KB chat.completion) -> CPU per request, requests/s;
+* TTFB on fresh connections, and VmRSS per open stream with N streams held open after event 1.
+
+CPU is utime+stime of the mitmdump process from /proc/<pid>/stat (10 ms ticks), as a delta over
+the workload. Every loop is bounded in count and time; every process is stopped by PID.
+
+    .venv/bin/python scripts/bench.py [--addon addon/aistats.py] [--set k=v ...] [--repeats 3]
+                                      [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ADDON = ROOT / "addon" / "aistats.py"
+FLOOR_ADDON = ROOT / "scripts" / "passthrough.py"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PHASE_TIMEOUT = 180.0  # seconds; a hung phase fails the run instead of the whole machine
+CONNECT_TIMEOUT = 10.0
+MAX_CHUNKS = 1_000_000  # per response; bounds the read loop
+MAX_REQS_PER_CONN = 100_000
+TS_RE = re.compile(rb'"bench_ts":([0-9.]+)')
+
+
+class BenchError(RuntimeError):
+    """A run could not be measured (mitmdump died, wrong status, lost events)."""
+
+
+@dataclass
+class Config:
+    """Workload sizes; the defaults keep a 3-repeat run under ~6 minutes on 2 cores."""
+
+    paced_clients: int = 16
+    paced_streams: int = 3  # sequential streams per paced client (keep-alive)
+    paced_events: int = 250
+    interval_ms: float = 3.0
+    unpaced_clients: int = 4
+    unpaced_streams: int = 25
+    unpaced_events: int = 200
+    json_clients: int = 4
+    json_requests: int = 250  # per client
+    ttfb_requests: int = 40
+    open_streams: int = 200
+
+    @classmethod
+    def quick(cls) -> Config:
+        """Small but non-trivial sizes for the smoke run (~10 s per mitmdump run)."""
+        return cls(paced_clients=8, paced_streams=1, paced_events=150, unpaced_clients=2,
+                   unpaced_streams=8, unpaced_events=200, json_clients=2, json_requests=100,
+                   ttfb_requests=10, open_streams=50)
+
+
+# ---------------------------------------------------------------- payloads (OpenAI-shaped)
+
+SSE_REQ = json.dumps({
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                 {"role": "user", "content": "Write a short poem about proxies."}],
+    "stream": True, "stream_options": {"include_usage": True},
+}).encode()
+JSON_REQ = json.dumps({
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "Write a short poem about proxies."}],
+}).encode()
+CHUNK_PREFIX = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1732406400,'
+                b'"model":"gpt-4o-mini-2024-07-18","system_fingerprint":"fp_bench","choices":')
+PROMPT_TOKENS = 25
+
+
+def _json_response_body() -> bytes:
+    """A ~2 KB non-streamed chat.completion, like a medium answer."""
+    text = ("Proxies stand between the caller and the called, counting what passes. " * 26).strip()
+    return json.dumps({
+        "id": "chatcmpl-bench", "object": "chat.completion", "created": 1732406400,
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                     "logprobs": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 420, "total_tokens": 445,
+                  "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                  "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0}},
+        "service_tier": "default", "system_fingerprint": "fp_bench",
+    }).encode()
+
+
+JSON_BODY = _json_response_body()
+JSON_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-request-id: req_bench\r\n"
+             b"content-length: %d\r\n\r\n" % len(JSON_BODY))
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+            b"cache-control: no-cache\r\nx-request-id: req_bench\r\ntransfer-encoding: chunked\r\n\r\n")
+
+
+def sse_event(i: int) -> bytes:
+    """Event i of a stream: role delta first, then a small text delta; send time inside."""
+    delta = b'{"role":"assistant","content":""}' if i == 0 else b'{"content":" tok%d"}' % i
+    return (CHUNK_PREFIX + b'[{"index":0,"delta":%s,"logprobs":null,"finish_reason":null}],'
+            b'"bench_ts":%.6f}\n\n' % (delta, time.time()))
+
+
+def sse_tail(n: int) -> list[bytes]:
+    """Finish chunk, usage chunk (include_usage) and [DONE]: 3 more events per stream."""
+    usage = (b'"usage":{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d,'
+             b'"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":'
+             b'{"reasoning_tokens":0}}' % (PROMPT_TOKENS, n, PROMPT_TOKENS + n))
+    return [
+        CHUNK_PREFIX + b'[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],'
+                       b'"bench_ts":%.6f}\n\n' % time.time(),
+        CHUNK_PREFIX + b'[],%s,"bench_ts":%.6f}\n\n' % (usage, time.time()),
+        b"data: [DONE]\n\n",
+    ]
+
+
+def http_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+# ---------------------------------------------------------------- fake upstream
+
+class Upstream:
+    """OpenAI-compatible fake server; workload knobs travel in x-bench-* headers so the path
+    stays /v1/chat/completions and the addon sees ordinary chat traffic."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0, backlog=1024)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server:
+            self.server.close()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for _ in range(MAX_REQS_PER_CONN):
+                headers = await read_request(reader)
+                if headers is None:
+                    break
+                if headers.get("x-bench-mode") == "json":
+                    writer.write(JSON_HEAD + JSON_BODY)
+                    await writer.drain()
+                else:
+                    await self.send_sse(writer, int(headers["x-bench-events"]),
+                                        float(headers["x-bench-interval-ms"]) / 1000,
+                                        headers.get("x-bench-hold") == "1")
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, KeyError):
+            pass
+        finally:
+            writer.close()
+
+    async def send_sse(self, writer: asyncio.StreamWriter, n: int, interval: float, hold: bool) -> None:
+        """One write+drain per event, at absolute deadlines so pacing does not drift."""
+        loop = asyncio.get_running_loop()
+        writer.write(SSE_HEAD)
+        t0 = loop.time()
+        for i in range(n):
+            if hold and i == 1:
+                await asyncio.wait_for(self.release.wait(), PHASE_TIMEOUT)
+            elif interval and i:
+                delay = t0 + i * interval - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            writer.write(http_chunk(sse_event(i)))
+            await writer.drain()
+        for ev in sse_tail(n):
+            writer.write(http_chunk(ev))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+
+async def read_request(reader: asyncio.StreamReader) -> dict[str, str] | None:
+    """Request head (lower-cased headers) after consuming its body; None at clean EOF."""
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), PHASE_TIMEOUT)
+    except asyncio.IncompleteReadError:
+        return None
+    headers = parse_headers(head)
+    length = int(headers.get("content-length", "0"))
+    if length:
+        await reader.readexactly(length)
+    return headers
+
+
+def parse_headers(head: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            out[k.strip().lower()] = v.strip()
+    return out
+
+
+# ---------------------------------------------------------------- client
+
+class Body:
+    """Incremental reader of one response body (chunked or sized); splits SSE on blank lines,
+    counts events and records per-event latency from the bench_ts the upstream put inside."""
+
+    def __init__(self, reader: asyncio.StreamReader, headers: dict[str, str], lat: list[float] | None):
+        self.reader = reader
+        self.lat = lat
+        self.buf = b""
+        self.events = 0
+        self.nbytes = 0
+        self.done = False
+        self.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        self.remaining = int(headers.get("content-length", "0"))
+
+    async def read_chunk(self) -> None:
+        if not self.chunked:
+            data = await self.reader.readexactly(self.remaining)
+            self.done = True
+        else:
+            size = int((await self.reader.readline()).split(b";", 1)[0], 16)
+            if size == 0:
+                await self.reader.readline()
+                self.done = True
+                return
+            data = (await self.reader.readexactly(size + 2))[:-2]
+        self.feed(data, time.time())
+
+    def feed(self, data: bytes, now: float) -> None:
+        self.nbytes += len(data)
+        self.buf += data
+        if b"\n\n" not in self.buf:
+            return
+        *events, self.buf = self.buf.split(b"\n\n")
+        self.events += len(events)
+        if self.lat is not None:
+            for ev in events:
+                m = TS_RE.search(ev)
+                if m:
+                    self.lat.append(now - float(m.group(1)))
+
+    async def until_events(self, n: int) -> None:
+        for _ in range(MAX_CHUNKS):
+            if self.done or self.events >= n:
+                return
+            await self.read_chunk()
+        raise BenchError("response did not end within MAX_CHUNKS")
+
+    async def to_end(self) -> None:
+        await self.until_events(sys.maxsize)
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection through the proxy (absolute-form requests)."""
+
+    def __init__(self, proxy_port: int, up_port: int) -> None:
+        self.proxy_port = proxy_port
+        self.up_port = up_port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> Client:
+        self.reader, self.writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", self.proxy_port), CONNECT_TIMEOUT)
+        return self
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+    def request(self, mode: str, events: int = 0, interval_ms: float = 0.0, hold: bool = False) -> bytes:
+        body = SSE_REQ if mode == "sse" else JSON_REQ
+        host = f"127.0.0.1:{self.up_port}"
+        return (f"POST http://{host}/v1/chat/completions HTTP/1.1\r\nhost: {host}\r\n"
+                f"content-type: application/json\r\nauthorization: Bearer sk-bench\r\n"
+                f"x-bench-mode: {mode}\r\nx-bench-events: {events}\r\n"
+                f"x-bench-interval-ms: {interval_ms}\r\nx-bench-hold: {int(hold)}\r\n"
+                f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+    async def start(self, mode: str, lat: list[float] | None = None, events: int = 0,
+                    interval_ms: float = 0.0, hold: bool = False) -> Body:
+        """Send a request and read the response head; the caller drains the returned Body."""
+        assert self.reader and self.writer
+        self.writer.write(self.request(mode, events, interval_ms, hold))
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1]
+        if status != b"200":
+            raise BenchError(f"status {status.decode()} from proxy: {head[:200]!r}")
+        return Body(self.reader, parse_headers(head), lat)
+
+
+async def sse_streams(proxy: int, up: int, count: int, events: int, interval_ms: float,
+                      lat: list[float] | None, start_delay: float = 0.0) -> int:
+    """`count` sequential streams on one connection; returns SSE events received."""
+    await asyncio.sleep(start_delay)
+    client = await Client(proxy, up).open()
+    total = 0
+    try:
+        for _ in range(count):
+            body = await client.start("sse", lat, events, interval_ms)
+            await body.to_end()
+            if body.events != events + 3:
+                raise BenchError(f"stream lost events: got {body.events}, want {events + 3}")
+            total += body.events
+    finally:
+        client.close()
+    return total
+
+
+async def json_requests(proxy: int, up: int, count: int) -> int:
+    client = await Client(proxy, up).open()
+    try:
+        for _ in range(count):
+            body = await client.start("json")
+            await body.to_end()
+            if body.nbytes != len(JSON_BODY):
+                raise BenchError(f"JSON body {body.nbytes} bytes, want {len(JSON_BODY)}")
+    finally:
+        client.close()
+    return count
+
+
+# ---------------------------------------------------------------- /proc readings
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime of the whole process (all threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise BenchError("no VmRSS")
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile; values need not be sorted."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+# ---------------------------------------------------------------- phases
+
+class Phases:
+    """The measured workloads against one running mitmdump."""
+
+    def __init__(self, proxy_port: int, pid: int, up: Upstream, cfg: Config) -> None:
+        self.proxy = proxy_port
+        self.pid = pid
+        self.up = up
+        self.cfg = cfg
+
+    async def measured(self, coro: Any) -> tuple[Any, float, float]:
+        """Run a workload; return (result, mitmdump CPU seconds, wall seconds). The 0.1 s settle
+        lets mitmdump finish its response hooks before CPU is read (idle cost is ~0-3 ms/s)."""
+        c0, t0 = cpu_seconds(self.pid), time.perf_counter()
+        result = await asyncio.wait_for(coro, PHASE_TIMEOUT)
+        wall = time.perf_counter() - t0
+        await asyncio.sleep(0.1)
+        return result, cpu_seconds(self.pid) - c0, wall
+
+    async def warmup(self) -> None:
+        """Exercise every path once so imports, lazy setup and code caches are done."""
+        p, u = self.proxy, self.up.port
+        await asyncio.wait_for(asyncio.gather(
+            json_requests(p, u, 30),
+            *(sse_streams(p, u, 3, 50, 0.0, None) for _ in range(3)),
+            *(sse_streams(p, u, 1, 20, 1.0, []) for _ in range(4)),
+        ), PHASE_TIMEOUT)
+        await self.ttfb(5)
+        await asyncio.sleep(0.3)
+
+    async def memory(self) -> dict[str, float]:
+        """VmRSS with N streams open after their first event, per stream above the baseline."""
+        n = self.cfg.open_streams
+        self.up.release = asyncio.Event()
+        base = rss_kb(self.pid)
+        clients: list[Client] = []
+        bodies: list[Body] = []
+        try:
+            for i in range(0, n, 50):  # batches: stay below listen backlogs
+                batch = [Client(self.proxy, self.up.port) for _ in range(min(50, n - i))]
+                clients += batch
+                await asyncio.wait_for(asyncio.gather(*(c.open() for c in batch)), PHASE_TIMEOUT)
+                bodies += await asyncio.wait_for(asyncio.gather(
+                    *(self._first_event(c) for c in batch)), PHASE_TIMEOUT)
+            await asyncio.sleep(0.5)
+            held = rss_kb(self.pid)
+            self.up.release.set()
+            await asyncio.wait_for(asyncio.gather(*(b.to_end() for b in bodies)), PHASE_TIMEOUT)
+        finally:
+            self.up.release.set()
+            for c in clients:
+                c.close()
+        await asyncio.sleep(0.3)
+        return {"rss_idle_mb": base / 1024, "rss_open_mb": held / 1024,
+                "kb_per_open_stream": (held - base) / n}
+
+    async def _first_event(self, client: Client) -> Body:
+        body = await client.start("sse", None, 5, 0.0, hold=True)
+        await body.until_events(1)
+        return body
+
+    async def ttfb(self, count: int | None = None) -> dict[str, float]:
+        """Sequential requests, fresh connection each: request written -> first event parsed."""
+        samples: list[float] = []
+        for _ in range(count or self.cfg.ttfb_requests):
+            client = await Client(self.proxy, self.up.port).open()
+            try:
+                t0 = time.perf_counter()
+                body = await asyncio.wait_for(client.start("sse", None, 5), PHASE_TIMEOUT)
+                await asyncio.wait_for(body.until_events(1), PHASE_TIMEOUT)
+                samples.append(time.perf_counter() - t0)
+                await asyncio.wait_for(body.to_end(), PHASE_TIMEOUT)
+            finally:
+                client.close()
+        return {"ttfb_p50_ms": pct(samples, 0.5) * 1e3, "ttfb_p90_ms": pct(samples, 0.9) * 1e3}
+
+    async def paced(self) -> dict[str, float]:
+        """Concurrent paced streams, start times staggered over one interval."""
+        c, lat = self.cfg, []
+        n = c.paced_clients
+        events, cpu, wall = await self.measured(asyncio.gather(*(
+            sse_streams(self.proxy, self.up.port, c.paced_streams, c.paced_events, c.interval_ms,
+                        lat, i * c.interval_ms / 1000 / n) for i in range(n))))
+        total = sum(events)
+        return {"cpu_us_per_event": cpu / total * 1e6, "lat_p50_ms": pct(lat, 0.5) * 1e3,
+                "lat_p99_ms": pct(lat, 0.99) * 1e3, "events_per_s": total / wall,
+                "mitmdump_cpu_util": cpu / wall, "events": total}
+
+    async def unpaced(self) -> dict[str, float]:
+        c = self.cfg
+        events, cpu, wall = await self.measured(asyncio.gather(*(
+            sse_streams(self.proxy, self.up.port, c.unpaced_streams, c.unpaced_events, 0.0, None)
+            for _ in range(c.unpaced_clients))))
+        total = sum(events)
+        return {"cpu_us_per_event": cpu / total * 1e6, "events_per_s": total / wall,
+                "mitmdump_cpu_util": cpu / wall, "events": total}
+
+    async def json(self) -> dict[str, float]:
+        c = self.cfg
+        reqs, cpu, wall = await self.measured(asyncio.gather(*(
+            json_requests(self.proxy, self.up.port, c.json_requests) for _ in range(c.json_clients))))
+        total = sum(reqs)
+        return {"cpu_us_per_request": cpu / total * 1e6, "requests_per_s": total / wall,
+                "mitmdump_cpu_util": cpu / wall, "requests": total}
+
+
+async def measure(proxy_port: int, pid: int, cfg: Config) -> dict[str, dict[str, float]]:
+    """All phases against one mitmdump; memory first so other phases have not grown the heap."""
+    up = Upstream()
+    await up.start()
+    try:
+        ph = Phases(proxy_port, pid, up, cfg)
+        await ph.warmup()
+        return {"memory": await ph.memory(), "ttfb": await ph.ttfb(), "paced": await ph.paced(),
+                "unpaced": await ph.unpaced(), "json": await ph.json()}
+    finally:
+        await up.stop()
+
+
+# ---------------------------------------------------------------- mitmdump processes
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pinning() -> bool:
+    """Pin this process to CPU 0 when CPUs 0 and 1 exist; mitmdump then goes to CPU 1."""
+    if not {0, 1} <= os.sched_getaffinity(0):
+        return False
+    os.sched_setaffinity(0, {0})
+    return True
+
+
+def start_mitmdump(exe: str, addon: Path, sets: list[str], confdir: Path, workdir: Path,
+                   pin: bool) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """Start mitmdump in its own work dir (so default output files land there) and pin it."""
+    port = free_port()
+    log = workdir / "mitmdump.log"
+    cmd = [exe, "--listen-host", "127.0.0.1", "--listen-port", str(port), "-q",
+           "--set", f"confdir={confdir}", "-s", str(addon)]
+    for kv in sets:
+        cmd += ["--set", kv]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    if pin:
+        os.sched_setaffinity(proc.pid, {1})
+    wait_listening(proc, port, log)
+    return proc, port, log
+
+
+def wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"mitmdump exited rc={proc.returncode}: {log_tail(log)}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise BenchError(f"mitmdump not listening after {timeout}s: {log_tail(log)}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM by PID, SIGKILL after 5 s."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def log_tail(log: Path, n: int = 2000) -> str:
+    try:
+        return log.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def log_problems(log: Path) -> list[str]:
+    """Lines of a -q mitmdump log that signal trouble (only errors are printed with -q)."""
+    return [ln for ln in log_tail(log, 200_000).splitlines()
+            if re.search(r"error|traceback|crash", ln, re.I)]
+
+
+def run_side(exe: str, addon: Path, sets: list[str], cfg: Config, confdir: Path, pin: bool,
+             tmp: Path, tag: str) -> dict[str, Any]:
+    workdir = tmp / tag
+    workdir.mkdir()
+    proc, port, log = start_mitmdump(exe, addon, sets, confdir, workdir, pin)
+    try:
+        metrics = asyncio.run(measure(port, proc.pid, cfg))
+        if proc.poll() is not None:
+            raise BenchError(f"mitmdump died during the run: {log_tail(log)}")
+    finally:
+        stop(proc)
+    problems = log_problems(log)
+    for ln in problems[:5]:
+        print(f"  [{tag}] mitmdump log: {ln}", file=sys.stderr)
+    return {"metrics": metrics, "log_problems": len(problems)}
+
+
+# ---------------------------------------------------------------- summary
+
+# (phase, key, label, format)
+ROWS: list[tuple[str, str, str, str]] = [
+    ("paced", "cpu_us_per_event", "paced SSE: mitmdump CPU µs/event", "{:.1f}"),
+    ("paced", "lat_p50_ms", "paced SSE: event latency p50 ms", "{:.3f}"),
+    ("paced", "lat_p99_ms", "paced SSE: event latency p99 ms", "{:.3f}"),
+    ("paced", "mitmdump_cpu_util", "paced SSE: mitmdump CPU util", "{:.2f}"),
+    ("unpaced", "cpu_us_per_event", "unpaced SSE: mitmdump CPU µs/event", "{:.1f}"),
+    ("unpaced", "events_per_s", "unpaced SSE: events/s", "{:.0f}"),
+    ("json", "cpu_us_per_request", "JSON: mitmdump CPU µs/request", "{:.0f}"),
+    ("json", "requests_per_s", "JSON: requests/s", "{:.0f}"),
+    ("ttfb", "ttfb_p50_ms", "TTFB p50 ms (fresh conn)", "{:.3f}"),
+    ("ttfb", "ttfb_p90_ms", "TTFB p90 ms (fresh conn)", "{:.3f}"),
+    ("memory", "kb_per_open_stream", "RSS KB per open stream", "{:.1f}"),
+    ("memory", "rss_idle_mb", "RSS idle MB (after warmup)", "{:.1f}"),
+]
+DELTA_KEYS = {"lat_p50_ms", "lat_p99_ms", "ttfb_p50_ms", "ttfb_p90_ms"}
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "values": values}
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per metric: median and min-max over repeats per side, ratio aistats/floor of the medians
+    (and the added amount for latencies)."""
+    out: dict[str, Any] = {}
+    for phase, key, _, _ in ROWS:
+        sides = {s: [r["metrics"][phase][key] for r in runs if r["side"] == s] for s in ("floor", "aistats")}
+        f, a = spread(sides["floor"]), spread(sides["aistats"])
+        entry = {"floor": f, "aistats": a,
+                 "ratio": a["median"] / f["median"] if f["median"] else float("nan")}
+        if key in DELTA_KEYS:
+            entry["added"] = a["median"] - f["median"]
+        out[f"{phase}.{key}"] = entry
+    return out
+
+
+def table(summary: dict[str, Any]) -> str:
+    lines = [f"{'metric':38} {'floor median [min-max]':>28} {'aistats median [min-max]':>28} {'ratio':>6}"]
+    for phase, key, label, fmt in ROWS:
+        e = summary[f"{phase}.{key}"]
+        cell = lambda s: f"{fmt.format(s['median'])} [{fmt.format(s['min'])}-{fmt.format(s['max'])}]"
+        extra = f"  (+{e['added']:.3f} ms)" if "added" in e else ""
+        lines.append(f"{label:38} {cell(e['floor']):>28} {cell(e['aistats']):>28} {e['ratio']:6.2f}{extra}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+
+def default_mitmdump() -> str:
+    """The mitmdump next to this interpreter (the venv's), else the one on PATH."""
+    here = Path(sys.executable).parent / "mitmdump"
+    return str(here) if here.exists() else "mitmdump"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--addon", type=Path, default=DEFAULT_ADDON, help="script measured against the floor")
+    p.add_argument("--floor", type=Path, default=FLOOR_ADDON, help="floor script (pass-through stream)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="K=V",
+                   help="mitmdump option for the addon side only (repeatable)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="small workloads (~1 min with 3 repeats)")
+    p.add_argument("--streams", type=int, help="concurrent paced streams (default 16)")
+    p.add_argument("--interval-ms", type=float, help="gap between paced events (default 3)")
+    p.add_argument("--open-streams", type=int, help="N for the memory measurement (default 200)")
+    p.add_argument("--mitmdump", default=default_mitmdump())
+    p.add_argument("--json", type=Path, help="write all numbers here")
+    a = p.parse_args(argv)
+    if a.repeats < 1 or a.repeats > 20:
+        p.error("--repeats must be 1..20")
+    return a
+
+
+def build_config(a: argparse.Namespace) -> Config:
+    cfg = Config.quick() if a.quick else Config()
+    if a.streams:
+        cfg.paced_clients = a.streams
+    if a.interval_ms is not None:
+        cfg.interval_ms = a.interval_ms
+    if a.open_streams:
+        cfg.open_streams = a.open_streams
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    cfg = build_config(a)
+    for path in (a.addon, a.floor):
+        if not path.is_file():
+            print(f"no such script: {path}", file=sys.stderr)
+            return 2
+    pin = pinning()
+    started = time.monotonic()
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="aistats-bench-") as td:
+        tmp = Path(td)
+        confdir = tmp / "confdir"
+        confdir.mkdir()
+        for r in range(a.repeats):
+            order = ("floor", "aistats") if r % 2 == 0 else ("aistats", "floor")  # ABBA
+            for side in order:
+                addon, sets = (a.floor, []) if side == "floor" else (a.addon, a.sets)
+                t0 = time.monotonic()
+                res = run_side(a.mitmdump, addon.resolve(), sets, cfg, confdir, pin, tmp, f"{side}{r}")
+                runs.append({"side": side, "repeat": r, **res})
+                print(f"repeat {r + 1}/{a.repeats} {side:7} done in {time.monotonic() - t0:.1f}s",
+                      file=sys.stderr)
+    summary = summarize(runs)
+    meta = {"addon": str(a.addon), "floor": str(a.floor), "sets": a.sets, "repeats": a.repeats,
+            "quick": a.quick, "pinned": pin, "cpus": sorted(os.sched_getaffinity(0)) if not pin else [0, 1],
+            "wall_s": time.monotonic() - started, "python": sys.version.split()[0]}
+    print(f"\naistats = {a.addon} {' '.join(a.sets)}; floor = {a.floor}; "
+          f"{a.repeats} repeats, pinned={pin}, {meta['wall_s']:.0f}s")
+    print(table(summary))
+    if a.json:
+        a.json.write_text(json.dumps({"meta": meta, "config": asdict(cfg), "summary": summary,
+                                      "runs": runs}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

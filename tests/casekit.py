@@ -1,0 +1,52 @@
+"""Turning acceptance cases into bytes and comparing records with their ``expect`` part."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any
+
+
+def case_body(case: dict) -> bytes:
+    """The response body bytes as the upstream must send them (compressed when asked)."""
+    body = case["response"]["body"].encode()
+    enc = case["response"].get("encoding")
+    if enc == "gzip":
+        c = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        return c.compress(body) + c.flush()
+    if enc == "deflate":  # raw RFC 1951, as the case README says
+        c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        return c.compress(body) + c.flush()
+    assert enc is None, enc
+    return body
+
+
+CONTROL_KEYS = {"float_tolerance", "duration_ms_min", "parse_error_prefix"}
+
+
+def check_expect(record: dict, expect: dict) -> list[str]:
+    """Differences between a record and a case's ``expect`` (empty list: it passes)."""
+    problems = []
+    tol = expect.get("float_tolerance", 1e-6)
+    for key, want in expect.items():
+        if key in CONTROL_KEYS:
+            continue
+        got = record.get(key, "<missing>")
+        if isinstance(want, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
+            if not math.isclose(got, want, abs_tol=tol):
+                problems.append(f"{key}: got {got!r}, want {want!r}")
+        elif got != want or type(got) is not type(want):
+            problems.append(f"{key}: got {got!r}, want {want!r}")
+    if "duration_ms_min" in expect:
+        d = record.get("duration_ms")
+        if d is None or d < expect["duration_ms_min"]:
+            problems.append(f"duration_ms: got {d!r}, want >= {expect['duration_ms_min']}")
+    if "parse_error_prefix" in expect:
+        pe = record.get("parse_error") or ""
+        if not pe.startswith(expect["parse_error_prefix"]):
+            problems.append(f"parse_error: got {pe!r}, want prefix {expect['parse_error_prefix']!r}")
+    return problems
+
+
+def drop_ids(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "id"}
