@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -18,6 +19,9 @@ import httpx
 import openai
 import pytest
 import zstandard
+
+# Repo root on sys.path so `tests.*` imports also work under plain `pytest` (no conftest/pythonpath yet).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.mitm import Mitmdump, read_flows, replay, ssl_context, start_mitmdump_expect_failure
 from tests.upstream import (
@@ -104,6 +108,11 @@ def test_case_header_routing_and_404(upstream: Upstream) -> None:
     assert r.content == b'{"a":1}' and r.headers["content-length"] == "7"
     assert upstream.requests[-1].query == "x=1"
     assert httpx.get(upstream.url + "/nope").status_code == 404
+    upstream.add("/fixed", Reply(chunks=[b"ab", b"cd"], stream=False, header_delay_s=0.1))
+    t0 = time.monotonic()
+    r = httpx.get(upstream.url + "/fixed")
+    assert time.monotonic() - t0 >= 0.09
+    assert r.headers["content-length"] == "4" and "transfer-encoding" not in r.headers and r.content == b"abcd"
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "zlib", "br", "zstd"])
@@ -141,8 +150,12 @@ def test_h2_over_tls_and_abort(tls_upstream: Upstream) -> None:
         r = c.get(tls_upstream.url + "/x", headers={"x-aistats-case": "h2ok"})
         assert r.http_version == "HTTP/2" and r.content == tls_upstream.sent["h2ok"]
         assert tls_upstream.requests[-1].http_version == "2"
+        got = b""
         with pytest.raises(httpx.RemoteProtocolError):
-            c.get(tls_upstream.url + "/x", headers={"x-aistats-case": "h2ab"})
+            with c.stream("GET", tls_upstream.url + "/x", headers={"x-aistats-case": "h2ab"}) as r:
+                for piece in r.iter_raw():
+                    got += piece
+        assert got == tls_upstream.sent["h2ab"] == b"data: a\n\n"
 
 
 def test_openai_sdk_parses_builders(upstream: Upstream) -> None:

@@ -45,6 +45,7 @@ All label values pass through :class:`~aistats_engine.cardinality.LabelGuard`.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -94,8 +95,7 @@ HIGRESS_COUNTERS: tuple[tuple[str, str], ...] = (
     ),
     (
         "llm_service_duration",
-        "Cumulative duration of streaming and non-streaming requests in milliseconds "
-        "(Higress ai-statistics).",
+        "Cumulative duration of streaming and non-streaming requests in milliseconds (Higress ai-statistics).",
     ),
     ("llm_duration_count", "Cumulative count of streaming and non-streaming requests (Higress ai-statistics)."),
     ("llm_stream_duration_count", "Cumulative count of streaming requests with a first token (Higress ai-statistics)."),
@@ -139,7 +139,7 @@ class MetricsConfig:
             "server_tpot_buckets",
         ):
             buckets = tuple(float(b) for b in getattr(self, name))
-            if not buckets or any(b <= a for a, b in zip(buckets, buckets[1:])):
+            if not buckets or any(b <= a for a, b in itertools.pairwise(buckets)):
                 raise ValueError(f"{name} must be a non-empty, strictly increasing list: {buckets}")
             object.__setattr__(self, name, buckets)
 
@@ -395,7 +395,7 @@ class Metrics:
     def _observe_chunks(child: Any, offsets: Sequence[float], exemplar: dict[str, str] | None) -> None:
         """One observation per chunk after the first; the exemplar goes on the largest gap,
         the one worth clicking through to."""
-        gaps = [max(b - a, 0.0) / 1000.0 for a, b in zip(offsets, offsets[1:])]
+        gaps = [max(b - a, 0.0) / 1000.0 for a, b in itertools.pairwise(offsets)]
         worst = max(range(len(gaps)), key=gaps.__getitem__)
         for i, gap in enumerate(gaps):
             child.observe(gap, exemplar if i == worst else None)

@@ -83,7 +83,7 @@ def prometheus_text(registry: CollectorRegistry) -> bytes:
         if any(s.name == created for s in family.samples):
             family = copy.copy(family)
             family.samples = [s for s in family.samples if s.name != created]
-        text = generate_latest(_Families([family]))  # type: ignore[arg-type]
+        text = generate_latest(_Families([family]))  # type: ignore[no-untyped-call]
         declared = getattr(family, "prometheus_text_type", None)
         if declared:
             text = text.replace(
@@ -100,7 +100,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 10  # a stalled client must not hold a thread forever
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+    def do_GET(self) -> None:  # http.server dispatches on the method name
         path = urlsplit(self.path).path
         if path == "/metrics":
             try:
@@ -122,7 +122,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         log.debug("metrics %s - %s", self.address_string(), format % args)
 
 

@@ -106,7 +106,7 @@ def match_api(method: str, path: str) -> ApiMatch | None:
 def provider_from_host(host: str) -> str | None:
     host = host.lower().rstrip(".")
     for suffix, provider in _HOSTS:
-        if host == suffix or host.endswith("." + suffix):
+        if host == suffix or host.endswith(("." + suffix, "-" + suffix)):  # us-central1-aiplatform
             return provider
     return None
 

@@ -1,0 +1,538 @@
+"""Record → metric observations, the label guard and the metrics HTTP endpoint."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import socket
+import string
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "addon"))
+
+from aistats_engine.cardinality import OTHER, LabelGuard  # noqa: E402
+from aistats_engine.metrics import (  # noqa: E402
+    DURATION_BUCKETS,
+    HIGRESS_PREFIX,
+    SERVER_TTFT_BUCKETS,
+    TOKEN_BUCKETS,
+    Metrics,
+    MetricsConfig,
+)
+from aistats_engine.metrics_server import MetricsServer, render, wants_openmetrics  # noqa: E402
+from aistats_engine.record import Record  # noqa: E402
+
+ACCEPTANCE = Path(__file__).resolve().parents[2] / "shared" / "acceptance" / "higress_cases.json"
+OM_ACCEPT = "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.2"
+
+HOST = "api.example-llm.com"
+BASE = {
+    "gen_ai_operation_name": "chat",
+    "gen_ai_provider_name": "openai",
+    "gen_ai_request_model": "qwen-turbo",
+    "gen_ai_response_model": "qwen-turbo",
+    "server_address": HOST,
+    "server_port": "443",
+}
+OK = {**BASE, "error_type": ""}
+
+
+def rec(**kw: Any) -> Record:
+    fields: dict[str, Any] = {
+        "id": 42,
+        "flow_id": "flow-1",
+        "start_time": "2026-11-24T00:00:00.000Z",
+        "end_time": "2026-11-24T00:00:01.000Z",
+        "method": "POST",
+        "scheme": "https",
+        "host": HOST,
+        "port": 443,
+        "path": "/v1/chat/completions",
+        "status": 200,
+        "provider": "openai",
+        "api": "chat_completions",
+        "operation": "chat",
+        "model": "qwen-turbo",
+        "response_model": "qwen-turbo",
+        "usage_source": "reported",
+    }
+    fields.update(kw)
+    return Record(**fields)
+
+
+def value(m: Metrics, name: str, labels: dict[str, str] | None = None) -> float | None:
+    return m.registry.get_sample_value(name, labels or {})
+
+
+def total(m: Metrics, name: str) -> float:
+    """Sum of one sample name over all label sets."""
+    return sum(s.value for f in m.registry.collect() for s in f.samples if s.name == name)
+
+
+def series(m: Metrics, name: str) -> list[dict[str, str]]:
+    return [s.labels for f in m.registry.collect() for s in f.samples if s.name == name]
+
+
+def text(m: Metrics, accept: str | None = None) -> str:
+    return render(m.registry, accept)[0].decode()
+
+
+# -- OTel GenAI client metrics ------------------------------------------------------------------
+
+
+def test_token_usage_observes_known_types_with_spec_buckets() -> None:
+    m = Metrics()
+    m.observe(rec(input_tokens=10, output_tokens=69))
+    inp = {**BASE, "gen_ai_token_type": "input"}
+    assert value(m, "gen_ai_client_token_usage_count", inp) == 1
+    assert value(m, "gen_ai_client_token_usage_sum", inp) == 10
+    assert value(m, "gen_ai_client_token_usage_bucket", {**inp, "le": "4.0"}) == 0
+    assert value(m, "gen_ai_client_token_usage_bucket", {**inp, "le": "16.0"}) == 1
+    out = {**BASE, "gen_ai_token_type": "output"}
+    assert value(m, "gen_ai_client_token_usage_bucket", {**out, "le": "64.0"}) == 0
+    assert value(m, "gen_ai_client_token_usage_bucket", {**out, "le": "256.0"}) == 1
+    les = [s["le"] for s in series(m, "gen_ai_client_token_usage_bucket") if s["gen_ai_token_type"] == "input"]
+    assert [float(x) for x in les[:-1]] == list(TOKEN_BUCKETS) and les[-1] == "+Inf"
+
+
+def test_token_usage_never_invents_a_count() -> None:
+    m = Metrics()
+    m.observe(rec(input_tokens=None, output_tokens=0))
+    types = {s["gen_ai_token_type"] for s in series(m, "gen_ai_client_token_usage_count")}
+    assert types == {"output"}  # the parsed zero is known; the missing input is not observed
+    assert value(m, "gen_ai_client_token_usage_bucket", {**BASE, "gen_ai_token_type": "output", "le": "1.0"}) == 1
+
+
+def test_duration_bucket_placement_and_labels() -> None:
+    m = Metrics()
+    m.observe(rec(duration_ms=1234.0))
+    assert value(m, "gen_ai_client_operation_duration_seconds_sum", OK) == pytest.approx(1.234)
+    assert value(m, "gen_ai_client_operation_duration_seconds_bucket", {**OK, "le": "0.64"}) == 0
+    assert value(m, "gen_ai_client_operation_duration_seconds_bucket", {**OK, "le": "1.28"}) == 1
+    les = [s["le"] for s in series(m, "gen_ai_client_operation_duration_seconds_bucket")]
+    assert [float(x) for x in les[:-1]] == list(DURATION_BUCKETS) and les[-1] == "+Inf"
+
+
+def test_error_type_label() -> None:
+    m = Metrics()
+    m.observe(rec(status=429, error="Rate limit reached", error_type="429", response_model=None, duration_ms=10.0))
+    m.observe(rec(status=None, error="boom", error_type=None, response_model=None, duration_ms=10.0))
+    got = {s["error_type"] for s in series(m, "gen_ai_client_operation_duration_seconds_count")}
+    assert got == {"429", "_OTHER"}
+    labels = series(m, "gen_ai_client_operation_duration_seconds_count")[0]
+    assert labels["gen_ai_response_model"] == ""  # unknown is the empty string
+
+
+def test_time_to_first_chunk_only_for_streams_with_ttft() -> None:
+    m = Metrics()
+    m.observe(rec(stream=False, ttft_ms=100.0, duration_ms=200.0))
+    m.observe(rec(stream=True, ttft_ms=None, duration_ms=200.0))
+    assert total(m, "gen_ai_client_operation_time_to_first_chunk_seconds_count") == 0
+    m.observe(rec(stream=True, ttft_ms=300.0, duration_ms=900.0))
+    assert value(m, "gen_ai_client_operation_time_to_first_chunk_seconds_count", OK) == 1
+    assert value(m, "gen_ai_client_operation_time_to_first_chunk_seconds_bucket", {**OK, "le": "0.16"}) == 0
+    assert value(m, "gen_ai_client_operation_time_to_first_chunk_seconds_bucket", {**OK, "le": "0.32"}) == 1
+
+
+def test_time_per_output_chunk_one_observation_per_gap() -> None:
+    m = Metrics()
+    m.observe(rec(stream=True, ttft_ms=100.0, duration_ms=1400.0, content_offsets_ms=[100.0, 105.0, 130.0, 1300.0]))
+    name = "gen_ai_client_operation_time_per_output_chunk_seconds"
+    assert value(m, f"{name}_count", OK) == 3
+    assert value(m, f"{name}_sum", OK) == pytest.approx(0.005 + 0.025 + 1.17)
+    cumulative = {le: value(m, f"{name}_bucket", {**OK, "le": le}) for le in ("0.01", "0.02", "0.04", "0.64", "1.28")}
+    assert cumulative == {"0.01": 1, "0.02": 1, "0.04": 2, "0.64": 2, "1.28": 3}
+    # The exemplar marks the largest gap's bucket.
+    om = text(m, OM_ACCEPT)
+    assert re.search(rf'{name}_bucket{{[^}}]*le="1.28"[^}}]*}} 3.0 # {{record_id="42"}} 1.17', om)
+    assert not re.search(rf'{name}_bucket{{[^}}]*le="0.01"[^}}]*}} 1.0 #', om)
+
+
+def test_time_per_output_chunk_needs_two_chunks_of_a_stream() -> None:
+    m = Metrics()
+    m.observe(rec(stream=True, ttft_ms=100.0, content_offsets_ms=[100.0]))
+    m.observe(rec(stream=False, content_offsets_ms=[100.0, 200.0]))
+    assert total(m, "gen_ai_client_operation_time_per_output_chunk_seconds_count") == 0
+
+
+def test_server_trio_off_by_default() -> None:
+    m = Metrics()
+    m.observe(rec(stream=True, ttft_ms=500.0, duration_ms=2000.0, output_tokens=4))
+    assert "gen_ai_server_" not in text(m)
+
+
+def test_server_trio_when_enabled() -> None:
+    m = Metrics(MetricsConfig(server_metrics=True))
+    m.observe(rec(stream=True, ttft_ms=500.0, duration_ms=2000.0, output_tokens=4))
+    assert value(m, "gen_ai_server_request_duration_seconds_sum", OK) == pytest.approx(2.0)
+    assert value(m, "gen_ai_server_time_to_first_token_seconds_sum", OK) == pytest.approx(0.5)
+    assert value(m, "gen_ai_server_time_per_output_token_seconds_sum", OK) == pytest.approx(0.5)  # 1.5 s / 3
+    ttft_les = [s["le"] for s in series(m, "gen_ai_server_time_to_first_token_seconds_bucket")]
+    assert [float(x) for x in ttft_les[:-1]] == list(SERVER_TTFT_BUCKETS)
+    assert {"15.0", "20.0", "30.0", "45.0", "60.0"} <= set(ttft_les)
+
+
+def test_server_trio_skips_tpot_for_one_token_and_failures() -> None:
+    m = Metrics(MetricsConfig(server_metrics=True))
+    m.observe(rec(stream=True, ttft_ms=500.0, duration_ms=2000.0, output_tokens=1))
+    assert total(m, "gen_ai_server_time_per_output_token_seconds_count") == 0
+    assert total(m, "gen_ai_server_time_to_first_token_seconds_count") == 1
+    m.observe(rec(stream=True, ttft_ms=500.0, duration_ms=900.0, output_tokens=9,
+                  error="aborted", error_type="upstream_aborted"))
+    assert total(m, "gen_ai_server_time_to_first_token_seconds_count") == 1  # successful responses only
+    assert value(m, "gen_ai_server_request_duration_seconds_count", {**BASE, "error_type": "upstream_aborted"}) == 1
+
+
+def test_consumer_label_is_opt_in() -> None:
+    plain = Metrics()
+    plain.observe(rec(consumer="alice", duration_ms=5.0))
+    assert all("consumer" not in s for s in series(plain, "gen_ai_client_operation_duration_seconds_count"))
+    m = Metrics(MetricsConfig(consumer_label=True))
+    m.observe(rec(consumer="alice", duration_ms=5.0, input_tokens=1))
+    assert value(m, "gen_ai_client_operation_duration_seconds_count", {**OK, "consumer": "alice"}) == 1
+    assert value(m, "aistats_requests_total",
+                 {"provider": "openai", "model": "qwen-turbo", "consumer": "alice", "status_class": "2xx"}) == 1
+
+
+def test_config_rejects_unsorted_buckets() -> None:
+    with pytest.raises(ValueError, match="duration_buckets"):
+        MetricsConfig(duration_buckets=[1.0, 0.5])
+    cfg = MetricsConfig(duration_buckets=[0.1, 1, 10])
+    assert cfg.duration_buckets == (0.1, 1.0, 10.0)
+
+
+# -- Higress-compatible counters ------------------------------------------------------------------
+
+# Records as the addon would build them for the acceptance cases whose metric expectations do not
+# depend on plugin configuration (their config is empty, or only sets log attributes / the
+# x-mse-consumer header). A new case with metric expectations must be added here.
+HIGRESS_CASE_RECORDS: dict[str, dict[str, Any]] = {
+    "empty_config_openai_nonstream": dict(
+        stream=False, input_tokens=10, output_tokens=69, total_tokens=79, duration_ms=52.0,
+        ttfb_ms=50.0, chat_id="chatcmpl-9", chat_round=1,
+    ),
+    "fixed_value_and_request_header": dict(
+        stream=False, input_tokens=10, output_tokens=69, total_tokens=79, duration_ms=52.0,
+        consumer="alice", attributes={"env": "prod", "consumer": "alice"},
+    ),
+    "streaming_append_answer": dict(
+        stream=True, input_tokens=5, output_tokens=3, total_tokens=8, duration_ms=40.0, ttft_ms=12.0,
+        content_offsets_ms=[12.0, 15.0, 18.0], attributes={"answer": "Hello world"},
+    ),
+    "failure_counted_with_request_model": dict(
+        status=429, model="qwen-max", response_model=None, error="Rate limit reached", error_type="429",
+        input_tokens=None, duration_ms=8.0, usage_source="missing",
+    ),
+}
+
+
+def _metric_cases() -> list[dict[str, Any]]:
+    cases = json.loads(ACCEPTANCE.read_text())
+    return [c for c in cases if "higress_counters" in c["expect"] or "higress_labels" in c["expect"]]
+
+
+@pytest.mark.parametrize("case", _metric_cases(), ids=lambda c: c["name"])
+def test_higress_acceptance_case(case: dict[str, Any]) -> None:
+    assert case["name"] in HIGRESS_CASE_RECORDS, "build the record for this new case by hand"
+    record = rec(**HIGRESS_CASE_RECORDS[case["name"]])
+    for key, want in case["expect"].get("record", {}).items():
+        got = getattr(record, key)
+        if key == "attributes":
+            assert {k: got.get(k) for k in want} == want
+        else:
+            assert got == want, key  # the hand-built record agrees with the case
+    m = Metrics()
+    m.observe(record)
+    for name, want in case["expect"].get("higress_counters", {}).items():
+        assert total(m, HIGRESS_PREFIX + name) == want, name
+    for f in m.registry.collect():
+        if f.name.startswith(HIGRESS_PREFIX):
+            for s in f.samples:
+                assert s.labels.items() >= case["expect"].get("higress_labels", {}).items()
+                assert s.labels["ai_route"] == HOST and s.labels["ai_cluster"] == f"{HOST}:443"
+
+
+def test_higress_names_have_no_total_suffix_and_are_counters_in_0_0_4() -> None:
+    m = Metrics()
+    m.observe(rec(input_tokens=1, output_tokens=1, total_tokens=2, duration_ms=1.0))
+    prom, om = text(m), text(m, OM_ACCEPT)
+    assert not re.search(rf"{HIGRESS_PREFIX}\w+_total", prom + om)
+    readme = ["input_token", "output_token", "llm_service_duration", "llm_duration_count",
+              "llm_first_token_duration", "llm_stream_duration_count"]
+    for name in readme + ["total_token", "llm_failure_count"]:
+        assert f"# TYPE {HIGRESS_PREFIX}{name} counter\n" in prom
+        assert f"# TYPE {HIGRESS_PREFIX}{name} unknown\n" in om  # OpenMetrics counters need _total
+        assert re.search(rf'^{HIGRESS_PREFIX}{name}{{ai_cluster="[^"]+",ai_consumer="none",ai_model="qwen-turbo",'
+                         rf'ai_route="{HOST}"}} ', prom, re.MULTILINE)
+
+
+def test_higress_durations_are_summed_milliseconds() -> None:
+    m = Metrics()
+    m.observe(rec(duration_ms=1000.4))
+    m.observe(rec(duration_ms=2000.6, stream=True, ttft_ms=300.2, content_offsets_ms=[300.2]))
+    assert total(m, HIGRESS_PREFIX + "llm_service_duration") == 3001
+    assert total(m, HIGRESS_PREFIX + "llm_duration_count") == 2
+    assert total(m, HIGRESS_PREFIX + "llm_first_token_duration") == 300
+    assert total(m, HIGRESS_PREFIX + "llm_stream_duration_count") == 1
+
+
+def test_higress_stream_count_needs_a_first_token() -> None:
+    m = Metrics()
+    m.observe(rec(stream=True, ttft_ms=None, duration_ms=100.0))
+    assert total(m, HIGRESS_PREFIX + "llm_stream_duration_count") == 0
+    assert total(m, HIGRESS_PREFIX + "llm_first_token_duration") == 0
+    assert total(m, HIGRESS_PREFIX + "llm_duration_count") == 1
+
+
+def test_higress_zero_or_unknown_tokens_are_not_added() -> None:
+    m = Metrics()
+    m.observe(rec(input_tokens=0, output_tokens=None, total_tokens=None, duration_ms=1.0))
+    for name in ("input_token", "output_token", "total_token"):
+        assert total(m, HIGRESS_PREFIX + name) == 0
+
+
+def test_higress_failures_and_model_label() -> None:
+    m = Metrics()
+    # a failure without a response model is labelled with the requested model
+    m.observe(rec(model="qwen-max", response_model=None, status=500, error="x", error_type="500"))
+    # an aborted stream (no status class problem) is a failure too
+    m.observe(rec(model="qwen-max", response_model=None, error="gone", error_type="client_disconnected"))
+    # the response model wins when there is one (Higress: usage model, else request model)
+    m.observe(rec(model="gpt-4o", response_model="gpt-4o-2024-08-06", input_tokens=3))
+    m.observe(rec(model=None, response_model=None, duration_ms=1.0))
+    fails = {s["ai_model"]: s for s in series(m, HIGRESS_PREFIX + "llm_failure_count")}
+    assert value(m, HIGRESS_PREFIX + "llm_failure_count",
+                 {"ai_route": HOST, "ai_cluster": f"{HOST}:443", "ai_model": "qwen-max", "ai_consumer": "none"}) == 2
+    assert set(fails) == {"qwen-max", "gpt-4o-2024-08-06", "unknown"}
+    assert value(m, HIGRESS_PREFIX + "input_token",
+                 {"ai_route": HOST, "ai_cluster": f"{HOST}:443", "ai_model": "gpt-4o-2024-08-06",
+                  "ai_consumer": "none"}) == 3
+
+
+def test_higress_can_be_disabled() -> None:
+    m = Metrics(MetricsConfig(higress_metrics=False))
+    m.observe(rec(duration_ms=1.0))
+    assert HIGRESS_PREFIX not in text(m)
+
+
+# -- own counters -----------------------------------------------------------------------------------
+
+
+def test_requests_by_status_class() -> None:
+    m = Metrics()
+    for status in (200, 201, 429, 503, None):
+        m.observe(rec(status=status))
+    got = {s["status_class"]: v for s, v in
+           ((s.labels, s.value) for f in m.registry.collect() for s in f.samples if s.name == "aistats_requests_total")}
+    assert got == {"2xx": 2, "4xx": 1, "5xx": 1, "none": 1}
+
+
+def test_tokens_by_type_only_known() -> None:
+    m = Metrics()
+    m.observe(rec(input_tokens=112, output_tokens=40, cached_tokens=100, cache_creation_tokens=0, reasoning_tokens=None))
+    got = {s["type"] for s in series(m, "aistats_tokens_total")}
+    assert got == {"input", "output", "cached", "cache_creation"}
+    assert value(m, "aistats_tokens_total", {"provider": "openai", "model": "qwen-turbo", "type": "cached"}) == 100
+    assert "do not sum" in text(m)
+
+
+def test_records_parse_errors_cost_in_flight_overhead() -> None:
+    m = Metrics()
+    m.observe(rec(parse_error="response decompression failed: Error -3 while decompressing", cost_usd=0.25))
+    m.observe(rec(parse_error="invalid JSON", usage_source="missing", cost_usd=None))
+    m.parse_error("stream truncated")
+    assert value(m, "aistats_records_total", {"usage_source": "reported"}) == 1
+    assert value(m, "aistats_records_total", {"usage_source": "missing"}) == 1
+    assert value(m, "aistats_parse_errors_total", {"kind": "response decompression failed"}) == 1
+    assert value(m, "aistats_parse_errors_total", {"kind": "invalid JSON"}) == 1
+    assert value(m, "aistats_parse_errors_total", {"kind": "stream truncated"}) == 1
+    assert total(m, "aistats_cost_usd_total") == pytest.approx(0.25)
+    m.request_started()
+    m.request_started()
+    m.request_finished()
+    assert value(m, "aistats_requests_in_flight") == 1
+    m.add_overhead(0.002)
+    m.add_overhead(0.003)
+    assert value(m, "aistats_overhead_seconds_total") == pytest.approx(0.005)
+
+
+# -- cardinality guard ---------------------------------------------------------------------------------
+
+
+def test_guard_caps_and_counts_overflow() -> None:
+    reg = CollectorRegistry()
+    g = LabelGuard({"model": 2}, registry=reg)
+    assert [g("model", v) for v in ("a", "b", "a", "c", "d")] == ["a", "b", "a", OTHER, OTHER]
+    assert g("model", None) == "" and g("model", "") == "" and g("model", OTHER) == OTHER
+    assert g("server", "c") == "c"  # kinds are independent
+    assert g.admitted("model") == 2
+    assert reg.get_sample_value("aistats_label_overflow_total", {"label": "model"}) == 2
+    assert len(g("other_kind", "x" * 1000)) == 128
+
+
+def test_random_model_flood_is_bounded() -> None:
+    rnd = random.Random(7)
+
+    def flood(m: Metrics, n: int) -> None:
+        for i in range(n):
+            name = "".join(rnd.choices(string.ascii_lowercase, k=12))
+            m.observe(rec(id=i, model=name, response_model=name + "-x", input_tokens=5, output_tokens=5,
+                          total_tokens=10, duration_ms=100.0, stream=True, ttft_ms=10.0,
+                          content_offsets_ms=[10.0, 20.0], consumer=name))
+
+    def sample_count(m: Metrics) -> int:
+        return sum(len(f.samples) for f in m.registry.collect())
+
+    m = Metrics()
+    flood(m, 1_000)
+    after_1k = sample_count(m)
+    flood(m, 9_000)
+    assert sample_count(m) == after_1k  # no new series once every label is at its cap
+    assert m.guard.admitted("model") == 100
+    assert m.guard.admitted("consumer") == 100
+    assert len(series(m, "gen_ai_client_operation_duration_seconds_count")) <= 101
+    assert total(m, "aistats_label_overflow_total") > 9_900
+    assert {s["gen_ai_request_model"] for s in series(m, "gen_ai_client_operation_duration_seconds_count")} >= {OTHER}
+
+
+# -- exemplars and formats ---------------------------------------------------------------------------
+
+
+def test_exemplars_only_in_openmetrics() -> None:
+    m = Metrics()
+    m.observe(rec(id=42, stream=True, duration_ms=500.0, ttft_ms=100.0, content_offsets_ms=[100.0, 150.0],
+                  input_tokens=3, output_tokens=2, total_tokens=5))
+    om = text(m, OM_ACCEPT)
+    prom = text(m)
+    assert re.search(r'gen_ai_client_operation_duration_seconds_bucket\{[^}]*le="0.64"[^}]*\} 1.0 '
+                     r'# \{record_id="42"\} 0.5', om)
+    assert 'record_id="42"' in om.split("gen_ai_client_operation_time_to_first_chunk_seconds_bucket", 1)[1]
+    assert "record_id" not in prom
+    assert om.endswith("# EOF\n")
+    # both outputs parse
+    assert {f.name for f in parse_openmetrics(om)} >= {"gen_ai_client_operation_duration_seconds",
+                                                       HIGRESS_PREFIX + "llm_duration_count"}
+    assert {f.name for f in parse_prometheus(prom)} >= {"gen_ai_client_token_usage", HIGRESS_PREFIX + "input_token"}
+    assert "_created" not in prom
+
+
+def test_exemplars_can_be_disabled() -> None:
+    m = Metrics(MetricsConfig(exemplars=False))
+    m.observe(rec(duration_ms=500.0))
+    assert "record_id" not in text(m, OM_ACCEPT)
+
+
+def test_content_negotiation_rules() -> None:
+    assert wants_openmetrics("application/openmetrics-text; version=1.0.0")
+    assert wants_openmetrics(OM_ACCEPT)
+    assert not wants_openmetrics("application/openmetrics-text;q=0, text/plain")
+    assert not wants_openmetrics("text/plain;version=0.0.4")
+    assert not wants_openmetrics(None)
+
+
+def test_observe_while_scraping_from_another_thread() -> None:
+    m = Metrics()
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def scrape() -> None:
+        try:
+            while not done.is_set():
+                list(parse_openmetrics(text(m, OM_ACCEPT)))
+                text(m)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=scrape)
+    t.start()
+    try:
+        for i in range(2_000):
+            m.observe(rec(id=i, model=f"m{i % 150}", duration_ms=10.0, stream=True, ttft_ms=1.0,
+                          content_offsets_ms=[1.0, 2.0, 3.0], input_tokens=1, output_tokens=1, total_tokens=2))
+    finally:
+        done.set()
+        t.join()
+    assert not errors
+    assert total(m, "aistats_records_total") == 2_000
+    assert total(m, HIGRESS_PREFIX + "llm_duration_count") == 2_000
+
+
+# -- the HTTP server ----------------------------------------------------------------------------------
+
+
+def _get(port: int, path: str, accept: str | None = None) -> tuple[int, str, str]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if accept:
+        req.add_header("Accept", accept)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, resp.headers["Content-Type"], resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read().decode()
+
+
+@pytest.fixture()
+def served() -> Any:
+    m = Metrics()
+    m.observe(rec(duration_ms=250.0, input_tokens=1, output_tokens=2, total_tokens=3))
+    server = MetricsServer(m.registry, port=0)
+    server.start()
+    yield m, server
+    server.stop()
+
+
+def test_server_ephemeral_port_and_formats(served: Any) -> None:
+    _, server = served
+    assert server.port > 0 and server.running
+    status, ctype, body = _get(server.port, "/metrics")
+    assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
+    assert "gen_ai_client_operation_duration_seconds_bucket" in body and "record_id" not in body
+    status, ctype, body = _get(server.port, "/metrics?x=1", accept=OM_ACCEPT)
+    assert status == 200 and ctype.startswith("application/openmetrics-text; version=1.0.0")
+    assert 'record_id="42"' in body and body.endswith("# EOF\n")
+
+
+def test_server_healthz_and_404(served: Any) -> None:
+    _, server = served
+    assert _get(server.port, "/healthz")[::2] == (200, "ok\n")
+    assert _get(server.port, "/nope")[0] == 404
+    assert _get(server.port, "/metrics/extra")[0] == 404
+
+
+def test_server_address_in_use_raises_at_start(served: Any) -> None:
+    _, server = served
+    other = MetricsServer(CollectorRegistry(), port=server.port)
+    with pytest.raises(OSError):
+        other.start()
+
+
+def test_server_stop_is_fast_and_releases_the_port() -> None:
+    server = MetricsServer(CollectorRegistry(), port=0)
+    server.start()
+    port = server.port
+    assert _get(port, "/healthz")[0] == 200
+    t0 = time.perf_counter()
+    server.stop()
+    assert time.perf_counter() - t0 < 0.1
+    assert not server.running
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    again = MetricsServer(CollectorRegistry(), port=port)  # hot reload binds the same port
+    again.start()
+    try:
+        assert _get(port, "/healthz")[0] == 200
+    finally:
+        again.stop()
+    server.stop()  # idempotent
