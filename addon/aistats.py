@@ -28,7 +28,8 @@ if _HERE not in sys.path:  # mitmproxy adds it for -s scripts; tests import this
 from aistats_engine import framing  # noqa: E402
 from aistats_engine.logsink import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, JsonlSink  # noqa: E402
 from aistats_engine.observer import (  # noqa: E402
-    DEFAULT_MAX_BODY, DEFAULT_MAX_CHUNK_TIMES, Parsed, StreamObserver, StreamTiming, parse_body)
+    DEFAULT_MAX_BODY, DEFAULT_MAX_CHUNK_TIMES, DEFAULT_MAX_EVENT, Parsed, StreamObserver,
+    StreamTiming, parse_body)
 from aistats_engine.providers import ApiMatch, match_api  # noqa: E402
 from aistats_engine.readers import RequestInfo, read_request  # noqa: E402
 from aistats_engine.record import Record  # noqa: E402
@@ -61,6 +62,7 @@ class AIStats:
         self._sink_path = ""
         self._attribution = Attribution()
         self._max_body = DEFAULT_MAX_BODY
+        self._max_event = DEFAULT_MAX_EVENT
         self._max_times = DEFAULT_MAX_CHUNK_TIMES
         self._max_inflight = DEFAULT_MAX_INFLIGHT
         self._print = True
@@ -77,6 +79,8 @@ class AIStats:
                           "Rotated log files to keep (log.1 … log.N).")
         loader.add_option("aistats_max_body", int, DEFAULT_MAX_BODY,
                           "Per-flow cap in bytes on the body copy aistats keeps and parses.")
+        loader.add_option("aistats_max_event", int, DEFAULT_MAX_EVENT,
+                          "Per-flow cap in bytes on one stream event (bigger ones are skipped).")
         loader.add_option("aistats_max_chunk_times", int, DEFAULT_MAX_CHUNK_TIMES,
                           "Per-flow cap on stored content-chunk timestamps.")
         loader.add_option("aistats_max_inflight", int, DEFAULT_MAX_INFLIGHT,
@@ -93,10 +97,11 @@ class AIStats:
 
         o = ctx.options
         for name in ("aistats_log_max_bytes", "aistats_log_backups", "aistats_max_body",
-                     "aistats_max_chunk_times", "aistats_max_inflight"):
+                     "aistats_max_event", "aistats_max_chunk_times", "aistats_max_inflight"):
             if name in updated:
                 value = getattr(o, name)
-                minimum = 1 if name in ("aistats_max_body", "aistats_max_inflight") else 0
+                minimum = 0 if name in ("aistats_log_max_bytes", "aistats_log_backups",
+                                        "aistats_max_chunk_times") else 1
                 if value < minimum:
                     raise exceptions.OptionsError(
                         f"{name}: {value} is invalid; expected an integer >= {minimum}")
@@ -108,6 +113,7 @@ class AIStats:
                     "expected HTTP header names such as x-session-id")
         self._attribution = Attribution(tuple(headers), o.aistats_consumer_header.strip().lower())
         self._max_body = o.aistats_max_body
+        self._max_event = o.aistats_max_event
         self._max_times = o.aistats_max_chunk_times
         self._max_inflight = o.aistats_max_inflight
         self._print = o.aistats_print
@@ -134,10 +140,10 @@ class AIStats:
 
         o = ctx.options
         log.info(
-            "aistats: log=%s (rotate at %d bytes, %d backups) max_body=%d max_chunk_times=%d "
-            "max_inflight=%d session_headers=%s consumer_header=%s",
+            "aistats: log=%s (rotate at %d bytes, %d backups) max_body=%d max_event=%d "
+            "max_chunk_times=%d max_inflight=%d session_headers=%s consumer_header=%s",
             o.aistats_log or "off", o.aistats_log_max_bytes, o.aistats_log_backups,
-            o.aistats_max_body, o.aistats_max_chunk_times, o.aistats_max_inflight,
+            o.aistats_max_body, o.aistats_max_event, o.aistats_max_chunk_times, o.aistats_max_inflight,
             ",".join(self._attribution.session_headers), self._attribution.consumer_header)
 
     def done(self) -> None:
@@ -173,7 +179,7 @@ class AIStats:
             if framer_cls is None or callable(resp.stream):
                 return  # not a stream, or another addon already owns it
             st.observer = StreamObserver(
-                st.match.api, framer_cls(max_event=self._max_body),
+                st.match.api, framer_cls(max_event=self._max_event),
                 resp.headers.get("content-encoding"), flow.request.timestamp_start,
                 max_body=self._max_body, max_chunk_times=self._max_times)
             resp.stream = self._stream_fn(flow.id, st)
@@ -250,7 +256,7 @@ class AIStats:
         if stream:
             framer_cls = framing.framer_for(resp.headers.get("content-type"))
             assert framer_cls is not None
-            obs = StreamObserver(st.match.api, framer_cls(max_event=self._max_body), encoding,
+            obs = StreamObserver(st.match.api, framer_cls(max_event=self._max_event), encoding,
                                  flow.request.timestamp_start, max_body=self._max_body,
                                  max_chunk_times=self._max_times)
             obs.feed_all(resp.raw_content or b"")

@@ -350,6 +350,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def busy_seconds() -> float:
+    """CPU time spent non-idle by all CPUs since boot (from /proc/stat), in seconds."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK  # minus idle and iowait; guest is inside user
+
+
+def own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def wait_quiet(max_wait: float, limit: float = 0.15, window: float = 0.5) -> float:
+    """Wait (bounded) until other processes use < `limit` cores, as other work on this shared
+    VM shifts whole runs; returns the last load seen (cores)."""
+    load = float("nan")
+    deadline = time.monotonic() + max_wait
+    quiet = 0
+    while time.monotonic() < deadline and quiet < 2:
+        b0 = busy_seconds()
+        time.sleep(window)
+        load = (busy_seconds() - b0) / window
+        quiet = quiet + 1 if load < limit else 0
+    return load
+
+
 def rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

@@ -50,17 +50,22 @@ CREATED = 1_700_000_000  # fixed "created" timestamp so builder output is determ
 
 @dataclass
 class Reply:
-    """One scripted response; reused for every request matching its key."""
+    """One scripted response; reused for every request matching its key.
+
+    Each chunk is one ASGI body message (one HTTP/1.1 chunk or h2 DATA frame on the wire, though
+    receivers may coalesce them). Content-Length is added unless streaming; Content-Encoding is
+    added for `encoding` unless `headers` already has one.
+    """
 
     status: int = 200
     headers: list[tuple[str, str]] = field(default_factory=list)
-    chunks: list[bytes] = field(default_factory=list)
-    chunk_delay_s: float = 0
-    first_delay_s: float = 0
-    header_delay_s: float = 0
+    chunks: list[bytes] = field(default_factory=list)  # plaintext body pieces
+    chunk_delay_s: float = 0  # sleep before each chunk after the first
+    first_delay_s: float = 0  # sleep between headers and the first chunk (TTFT)
+    header_delay_s: float = 0  # sleep before the headers (TTFB)
     encoding: str | None = None  # None, "gzip", "deflate" (raw), "zlib" (sent as deflate), "br", "zstd"
-    abort_after: int | None = None
-    stream: bool | None = None  # None: chunked (no Content-Length) when more than one chunk
+    abort_after: int | None = None  # cut the TCP connection after this many chunks (0: after headers)
+    stream: bool | None = None  # no Content-Length (chunked on h1); None: True when >1 chunk
 
 
 @dataclass

@@ -30,7 +30,7 @@ class SSEFramer:
 
     __slots__ = ("_buf", "max_event", "oversized", "_skipping")
 
-    def __init__(self, max_event: int = 8 << 20) -> None:
+    def __init__(self, max_event: int = 4 << 20) -> None:
         self._buf = b""
         self.max_event = max_event
         self.oversized = 0
@@ -111,7 +111,7 @@ class NDJSONFramer:
 
     __slots__ = ("_buf", "max_event", "oversized", "_skipping")
 
-    def __init__(self, max_event: int = 8 << 20) -> None:
+    def __init__(self, max_event: int = 4 << 20) -> None:
         self._buf = b""
         self.max_event = max_event
         self.oversized = 0
@@ -140,7 +140,7 @@ class AWSEventStreamFramer:
 
     __slots__ = ("_buf", "max_event", "oversized", "bad_frames")
 
-    def __init__(self, max_event: int = 8 << 20) -> None:
+    def __init__(self, max_event: int = 4 << 20) -> None:
         self._buf = bytearray()
         self.max_event = max_event
         self.oversized = 0

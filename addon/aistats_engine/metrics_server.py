@@ -71,7 +71,8 @@ class _Families:
 def render(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
     """The exposition of ``registry`` for a scrape with this Accept header: (body, content type)."""
     if wants_openmetrics(accept):
-        return openmetrics.generate_latest(registry), openmetrics.CONTENT_TYPE_LATEST
+        body: bytes = openmetrics.generate_latest(registry)  # type: ignore[no-untyped-call]
+        return body, openmetrics.CONTENT_TYPE_LATEST
     return prometheus_text(registry), CONTENT_TYPE_PLAIN_0_0_4
 
 
@@ -83,7 +84,7 @@ def prometheus_text(registry: CollectorRegistry) -> bytes:
         if any(s.name == created for s in family.samples):
             family = copy.copy(family)
             family.samples = [s for s in family.samples if s.name != created]
-        text = generate_latest(_Families([family]))  # type: ignore[no-untyped-call]
+        text = generate_latest(_Families([family]))
         declared = getattr(family, "prometheus_text_type", None)
         if declared:
             text = text.replace(

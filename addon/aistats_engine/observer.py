@@ -22,6 +22,7 @@ from .usage import Resolved, resolve
 
 DEFAULT_MAX_BODY = 16 << 20
 DEFAULT_MAX_CHUNK_TIMES = 10_000
+DEFAULT_MAX_EVENT = 4 << 20
 
 
 @dataclass(slots=True)

@@ -1,0 +1,178 @@
+"""The mitmproxy layer with in-memory flows: options, failure containment, bounds, failures
+as records, replay metadata."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.test import taddons
+
+import aistats
+from casekit import drop_ids
+from fixtures import ANTHROPIC, OPENAI_CHAT
+from flowkit import make_flow, new_addon, roundtrip, run_live, run_replay
+
+SSE = {"Content-Type": "text/event-stream"}
+CHAT_REQ = b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+
+
+@pytest.fixture
+def env():
+    addon, ctx, cap = new_addon()
+    yield addon, cap
+    ctx.__exit__(None, None, None)
+
+
+def chat_flow(headers=None):
+    return make_flow("POST", "/v1/chat/completions",
+                     {"Content-Type": "application/json", **(headers or {})}, CHAT_REQ)
+
+
+def chunks_of(body, n=13):
+    return [body[i:i + n] for i in range(0, len(body), n)]
+
+
+def test_stream_record_timings_and_metadata(env):
+    addon, cap = env
+    f = run_live(addon, chat_flow({"User-Agent": "OpenAI/Python 3.54.0", "X-Session-ID": "s1"}),
+                 200, SSE, chunks_of(OPENAI_CHAT), OPENAI_CHAT, chunk_gap=0.01)
+    rec = cap.records[0]
+    assert rec["stream"] is True and rec["model"] == "gpt-4o-mini" and rec["provider"] == "openai"
+    assert (rec["input_tokens"], rec["output_tokens"], rec["total_tokens"]) == (12, 3, 15)
+    assert rec["ttfb_ms"] == pytest.approx(50.0)
+    assert rec["ttft_ms"] is not None and rec["ttft_ms"] > rec["ttfb_ms"]
+    assert rec["chunks"] == 2 and rec["decode_ms"] > 0
+    assert rec["observed_tokens_per_second"] == pytest.approx(2 / (rec["decode_ms"] / 1000), rel=1e-3)
+    assert (rec["client"], rec["session_id"], rec["chat_round"]) == ("openai-python", "s1", 1)
+    assert f.response.raw_content == OPENAI_CHAT  # restored, so -w files are complete
+    md = f.metadata["aistats"]
+    json.dumps(md)  # plain types only
+    assert md["timing"]["content_events"] == 2 and md["parsed"] is None
+
+
+def test_replay_identical_and_foreign_flow_has_null_stream_timings(env):
+    addon, cap = env
+    f = run_live(addon, chat_flow(), 200, SSE, chunks_of(OPENAI_CHAT), OPENAI_CHAT)
+    g = roundtrip(f)
+    run_replay(addon, g)
+    assert drop_ids(cap.records[1]) == drop_ids(cap.records[0])
+    g2 = roundtrip(f)
+    g2.metadata.clear()
+    run_replay(addon, g2)
+    foreign = cap.records[2]
+    assert (foreign["ttft_ms"], foreign["chunks"], foreign["decode_ms"]) == (None, None, None)
+    assert foreign["output_tokens"] == 3 and foreign["duration_ms"] == cap.records[0]["duration_ms"]
+
+
+def test_exception_in_stream_never_drops_a_chunk(env, monkeypatch, caplog):
+    addon, cap = env
+
+    def boom(self, chunk, now):
+        raise RuntimeError("engine bug")
+
+    monkeypatch.setattr(aistats.StreamObserver, "feed", boom)
+    f = run_live(addon, chat_flow(), 200, SSE, chunks_of(OPENAI_CHAT), OPENAI_CHAT)
+    assert len(cap.records) == 1  # still a record, marked
+    assert "internal error" in cap.records[0]["parse_error"]
+    warnings = [r for r in caplog.records if "engine bug" in r.getMessage()]
+    assert len(warnings) == 1 and f.id in warnings[0].getMessage()
+
+
+def test_exception_in_a_hook_is_contained(env, monkeypatch, caplog):
+    addon, cap = env
+    monkeypatch.setattr(aistats, "build_record", lambda *a, **k: 1 / 0)
+    run_live(addon, chat_flow(), 200, {"Content-Type": "application/json"}, [], b"{}")
+    assert cap.records == []
+    assert any("ZeroDivisionError" in r.getMessage() for r in caplog.records)
+
+
+def test_capped_stream_is_marked_and_replays_from_metadata():
+    addon, ctx, cap = new_addon(aistats_max_body=100)
+    try:
+        f = run_live(addon, chat_flow(), 200, SSE, chunks_of(OPENAI_CHAT), OPENAI_CHAT)
+        rec = cap.records[0]
+        assert "not saved to the flow" in rec["parse_error"]
+        assert rec["output_tokens"] == 3  # parsed incrementally all the same
+        assert f.response.raw_content is None
+        run_replay(addon, roundtrip(f))
+        assert drop_ids(cap.records[1]) == drop_ids(rec)
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def test_upstream_abort_keeps_usage_seen_so_far(env):
+    addon, cap = env
+    cut = ANTHROPIC[: ANTHROPIC.index(b"event: message_stop") + 12]  # mid-event
+    f = make_flow("POST", "/v1/messages", {"Content-Type": "application/json"},
+                  b'{"model":"claude-sonnet-4-5","stream":true,"messages":[{"role":"user","content":"x"}]}')
+    f = run_live(addon, f, 200, SSE, chunks_of(cut), cut,
+                 error="HTTP/1 protocol error: peer closed connection without sending complete message body (incomplete chunked read)")
+    rec = cap.records[0]
+    assert rec["error_type"] == "upstream_aborted" and "incomplete chunked read" in rec["error"]
+    assert (rec["input_tokens"], rec["output_tokens"], rec["cached_tokens"]) == (112, 7, 100)
+    assert rec["parse_error"] == "stream truncated"
+    assert f.response.raw_content == cut
+    run_replay(addon, roundtrip(f))
+    assert len(cap.records) == 2  # replay fires response and error: still one record
+    assert drop_ids(cap.records[1]) == drop_ids(rec)
+
+
+def test_client_disconnect_and_unreachable(env):
+    addon, cap = env
+    run_live(addon, chat_flow(), 200, SSE, chunks_of(OPENAI_CHAT[:60]), b"", error="Client disconnected.")
+    assert cap.records[0]["error_type"] == "client_disconnected"
+    f = chat_flow()
+    f.live = True
+    addon.requestheaders(f)
+    addon.request(f)
+    from mitmproxy.flow import Error
+    f.error = Error("Server connection to ('127.0.0.1', 1) failed: Connection refused")
+    addon.error(f)
+    rec = cap.records[1]
+    assert (rec["status"], rec["error_type"], rec["input_tokens"]) == (None, "upstream_unreachable", None)
+    assert "Connection refused" in rec["error"]
+
+
+def test_non_llm_traffic_gets_no_record(env):
+    addon, cap = env
+    f = make_flow("POST", "/upload", {}, b"x")
+    run_live(addon, f, 200, SSE, [b"data: 1\n\n"], b"")
+    assert cap.records == [] and not callable(f.response.stream)
+
+
+def test_stream_error_event_in_200(env):
+    addon, cap = env
+    body = b'data: {"error":{"message":"quota exceeded","type":"insufficient_quota"}}\n\n'
+    run_live(addon, chat_flow(), 200, SSE, [body], body)
+    rec = cap.records[0]
+    assert (rec["status"], rec["error"], rec["error_type"]) == (200, "quota exceeded", "insufficient_quota")
+
+
+@pytest.mark.parametrize("option,value,fragment", [
+    ("aistats_max_body", 0, "aistats_max_body: 0 is invalid; expected an integer >= 1"),
+    ("aistats_log_backups", -1, "aistats_log_backups: -1 is invalid"),
+    ("aistats_session_headers", "x-ok,bad header", "expected HTTP header names"),
+    ("aistats_log", "/proc/nonexistent/dir/x.jsonl", "aistats_log: cannot open"),
+])
+def test_bad_options_are_one_line_errors(option, value, fragment):
+    addon = aistats.AIStats()
+    with taddons.context(addon) as tctx:
+        with pytest.raises(exceptions.OptionsError) as e:
+            tctx.configure(addon, **{option: value})
+        assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_log_sink_writes_jsonl_and_rotates(tmp_path):
+    from aistats_engine.logsink import JsonlSink
+    path = tmp_path / "llm.jsonl"
+    sink = JsonlSink(path, max_bytes=200, backups=2, flush_interval=0.05)
+    for i in range(20):
+        sink.write({"i": i, "pad": "x" * 40})
+    sink.close()
+    lines = [json.loads(x) for p in (path.with_name("llm.jsonl.2"), path.with_name("llm.jsonl.1"), path)
+             if p.exists() for x in p.read_text().splitlines()]
+    assert [x["i"] for x in lines] == list(range(20))[-len(lines):]
+    assert all(p.stat().st_size <= 200 for p in tmp_path.iterdir())
+    assert not path.with_name("llm.jsonl.3").exists()
