@@ -15,7 +15,6 @@ import logging
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,12 +43,17 @@ METADATA_VERSION = 1
 DEFAULT_MAX_INFLIGHT = 10_000
 
 
-@dataclass(slots=True)
 class _FlowState:
-    match: ApiMatch
-    request_info: RequestInfo | None = None
-    observer: StreamObserver | None = None
-    observer_failed: bool = False
+    """What we keep for one LLM flow between its hooks. (A plain class: mitmproxy executes
+    this file without registering it in sys.modules, which dataclasses need.)"""
+
+    __slots__ = ("match", "request_info", "observer", "observer_failed")
+
+    def __init__(self, match: ApiMatch) -> None:
+        self.match = match
+        self.request_info: RequestInfo | None = None
+        self.observer: StreamObserver | None = None
+        self.observer_failed = False
 
 
 class AIStats:

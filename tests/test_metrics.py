@@ -437,6 +437,9 @@ def test_exemplars_can_be_disabled() -> None:
 def test_content_negotiation_rules() -> None:
     assert wants_openmetrics("application/openmetrics-text; version=1.0.0")
     assert wants_openmetrics(OM_ACCEPT)
+    prometheus_default = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+                          "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+    assert wants_openmetrics(prometheus_default)
     assert not wants_openmetrics("application/openmetrics-text;q=0, text/plain")
     assert not wants_openmetrics("text/plain;version=0.0.4")
     assert not wants_openmetrics(None)

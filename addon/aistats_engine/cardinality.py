@@ -11,18 +11,11 @@ for the life of the process, so dashboards do not flicker. Memory is O(sum of li
 
 Default limits (:data:`DEFAULT_LIMITS`; any other kind gets ``default_limit`` = 100):
 
-=================== ===== ======================================================
-kind                limit used for
-=================== ===== ======================================================
-``model``           100   requested / response model, Higress ``ai_model``
-``server``          50    ``host:port`` pairs (``server_address``/``server_port``,
-                          Higress ``ai_route``/``ai_cluster``)
-``provider``        30    ``gen_ai_provider_name``
-``operation``       30    ``gen_ai_operation_name``
-``consumer``        100   consumer label, Higress ``ai_consumer``
-``error_type``      30    ``error_type``
-``parse_error_kind`` 20   ``aistats_parse_errors_total{kind}``
-=================== ===== ======================================================
+- ``model`` 100: requested and response model, Higress ``ai_model``
+- ``server`` 50: ``host:port`` pairs (``server_address``/``server_port``, Higress ``ai_route``/``ai_cluster``)
+- ``provider`` 30, ``operation`` 30, ``error_type`` 30
+- ``consumer`` 100: the opt-in ``consumer`` label, Higress ``ai_consumer``
+- ``parse_error_kind`` 20: ``aistats_parse_errors_total{kind}``
 
 The empty string (unknown) and ``"other"`` itself are always allowed and not counted. Values
 longer than ``max_length`` (default 128 characters) are cut before admission.
