@@ -4,12 +4,9 @@ from ../shared/acceptance (never copied into the project)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "addon"))
-sys.path.insert(0, str(ROOT / "tests"))
+ROOT = Path(__file__).resolve().parents[1]  # addon/ and tests/ are on sys.path (pyproject)
 
 ACCEPTANCE = ROOT.parent / "shared" / "acceptance"
 

@@ -20,11 +20,9 @@ import openai
 import pytest
 import zstandard
 
-# Repo root on sys.path so `tests.*` imports also work under plain `pytest` (no conftest/pythonpath yet).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.mitm import Mitmdump, read_flows, replay, ssl_context, start_mitmdump_expect_failure
-from tests.upstream import (
+from mitm import Mitmdump, read_flows, replay, ssl_context, start_mitmdump_expect_failure
+from upstream import (
     JSON_HEADERS,
     NDJSON_HEADERS,
     SSE_HEADERS,

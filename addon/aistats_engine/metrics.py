@@ -19,7 +19,8 @@ record's ``error_type``, or ``_OTHER`` for an error without one). Unknown values
 With ``MetricsConfig.server_metrics`` the ``gen_ai_server_*`` trio is added as well, so Envoy AI
 Gateway dashboards work; time to first token and time per output token only for successful
 streams, the latter ``(duration − ttft) ÷ (output_tokens − 1)`` when ``output_tokens > 1``.
-Latency and token observations carry an OpenMetrics exemplar ``{record_id="<id>"}``.
+Latency and token observations carry an OpenMetrics exemplar ``{record_id="<id>"}`` (per-chunk:
+on the largest gap only, which keeps the per-chunk cost at one plain ``observe``).
 
 **Higress ai-statistics compatible counters**
 ``route_upstream_model_consumer_metric_<x>{ai_route,ai_cluster,ai_model,ai_consumer}`` with
@@ -31,7 +32,8 @@ response reports, else the requested model (Higress: usage model, else request m
 ``ai_consumer`` = ``record.consumer`` or ``"none"``. Counting rules follow Higress' ``writeMetric``:
 token counters add only known, non-zero counts; durations are integer milliseconds summed;
 ``llm_stream_duration_count`` / ``llm_first_token_duration`` move only for streams with a first
-token; ``llm_failure_count`` counts records with an error. One deliberate difference: Higress skips
+token; ``llm_failure_count`` counts records with ``error`` or ``error_type`` set (non-2xx,
+aborted, unreachable, timeout). One deliberate difference: Higress skips
 the duration counters when it found no usage in the body (so streams without
 ``include_usage`` and error replies vanish from its latency averages); here every record with a
 duration counts.
