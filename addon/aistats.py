@@ -25,6 +25,8 @@ if _HERE not in sys.path:  # mitmproxy adds it for -s scripts; tests import this
     sys.path.insert(0, _HERE)
 
 from aistats_engine import framing  # noqa: E402
+from aistats_engine.metrics import DURATION_BUCKETS, Metrics, MetricsConfig  # noqa: E402
+from aistats_engine.metrics_server import MetricsServer  # noqa: E402
 from aistats_engine.logsink import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, JsonlSink  # noqa: E402
 from aistats_engine.observer import (  # noqa: E402
     DEFAULT_MAX_BODY, DEFAULT_MAX_CHUNK_TIMES, DEFAULT_MAX_EVENT, Parsed, StreamObserver,
@@ -41,6 +43,23 @@ log = logging.getLogger("aistats")
 METADATA_KEY = "aistats"
 METADATA_VERSION = 1
 DEFAULT_MAX_INFLIGHT = 10_000
+DEFAULT_METRICS_PORT = 9464
+DEFAULT_LABEL_LIMIT = 100
+
+
+def _buckets(option: str, text: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    """Comma-separated increasing seconds, e.g. ``0.1,0.5,1,5,30,60``; empty → the default."""
+    if not text.strip():
+        return default
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or any(b <= a for a, b in zip(values, values[1:])) or values[0] <= 0:
+        raise exceptions.OptionsError(
+            f"{option}: {text!r} is invalid; expected increasing positive numbers separated "
+            "by commas, e.g. 0.1,0.5,1,5,30,60")
+    return values
 
 
 class _FlowState:
@@ -72,6 +91,10 @@ class AIStats:
         self._print = True
         self._reported: set[str] = set()
         self.records_written = 0
+        self.metrics: Metrics | None = Metrics()
+        self._metrics_server: MetricsServer | None = None
+        self._metrics_addr: tuple[str, int] | None = None
+        self._overhead = 0.0  # seconds spent in our hooks, flushed to the metric per record
 
     # -- options ---------------------------------------------------------------------------
     def load(self, loader: Any) -> None:
@@ -95,6 +118,23 @@ class AIStats:
                           "Request header naming the consumer.")
         loader.add_option("aistats_print", bool, True,
                           "Print a one-line summary per LLM request.")
+        loader.add_option("aistats_metrics", bool, True,
+                          "Serve Prometheus metrics on aistats_metrics_host:aistats_metrics_port.")
+        loader.add_option("aistats_metrics_host", str, "127.0.0.1",
+                          "Address the metrics endpoint binds to.")
+        loader.add_option("aistats_metrics_port", int, DEFAULT_METRICS_PORT,
+                          "Port of the metrics endpoint (0: any free port, logged at start).")
+        loader.add_option("aistats_metrics_server_trio", bool, False,
+                          "Also export gen_ai_server_* histograms (Envoy AI Gateway dashboards).")
+        loader.add_option("aistats_metrics_label_limit", int, DEFAULT_LABEL_LIMIT,
+                          "Distinct values kept per metric label (models, consumers); "
+                          "more go to 'other'.")
+        loader.add_option("aistats_metrics_duration_buckets", str, "",
+                          "Seconds, comma-separated: buckets of the duration histograms "
+                          "(default: the OTel GenAI list, 0.01 … 81.92).")
+        loader.add_option("aistats_metrics_ttft_buckets", str, "",
+                          "Seconds, comma-separated: buckets of the time-to-first-chunk "
+                          "histogram (default: 0.01 … 81.92).")
 
     def configure(self, updated: set[str]) -> None:
         from mitmproxy import ctx
@@ -123,6 +163,54 @@ class AIStats:
         self._print = o.aistats_print
         if updated & {"aistats_log", "aistats_log_max_bytes", "aistats_log_backups"}:
             self._open_sink(o.aistats_log, o.aistats_log_max_bytes, o.aistats_log_backups)
+        if any(name.startswith("aistats_metrics") for name in updated):
+            self._configure_metrics(o)
+
+    def _configure_metrics(self, o: Any) -> None:
+        if not 0 <= o.aistats_metrics_port <= 65535:
+            raise exceptions.OptionsError(
+                f"aistats_metrics_port: {o.aistats_metrics_port} is invalid; "
+                "expected a port number 0-65535")
+        if o.aistats_metrics_label_limit < 1:
+            raise exceptions.OptionsError(
+                f"aistats_metrics_label_limit: {o.aistats_metrics_label_limit} is invalid; "
+                "expected an integer >= 1")
+        duration = _buckets("aistats_metrics_duration_buckets",
+                            o.aistats_metrics_duration_buckets, DURATION_BUCKETS)
+        ttft = _buckets("aistats_metrics_ttft_buckets", o.aistats_metrics_ttft_buckets,
+                        DURATION_BUCKETS)
+        self.metrics = Metrics(MetricsConfig(
+            duration_buckets=duration, time_to_first_chunk_buckets=ttft,
+            time_per_output_chunk_buckets=duration, server_metrics=o.aistats_metrics_server_trio,
+            default_label_limit=o.aistats_metrics_label_limit,
+            label_limits={"model": o.aistats_metrics_label_limit,
+                          "consumer": o.aistats_metrics_label_limit},
+        )) if o.aistats_metrics else None
+        addr = (o.aistats_metrics_host, o.aistats_metrics_port) if o.aistats_metrics else None
+        if self._metrics_server is not None:  # reconfigured while running: serve the new one
+            self._stop_metrics_server()
+            self._start_metrics_server(addr)
+
+    def _start_metrics_server(self, addr: tuple[str, int] | None) -> None:
+        self._metrics_addr = addr
+        if addr is None or self.metrics is None:
+            return
+        server = MetricsServer(self.metrics.registry, host=addr[0], port=addr[1])
+        try:
+            server.start()
+        except OSError as e:
+            # ERROR during start-up makes mitmdump exit non-zero, with this one line.
+            log.error("aistats: cannot serve metrics on %s:%d: %s; set aistats_metrics_port "
+                      "to a free port or aistats_metrics=false", addr[0], addr[1],
+                      e.strerror or e)
+            return
+        self._metrics_server = server
+        log.info("aistats: metrics on http://%s:%d/metrics", addr[0], server.port)
+
+    def _stop_metrics_server(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+            self._metrics_server = None
 
     def _open_sink(self, path: str, max_bytes: int, backups: int) -> None:
         old = self._sink
@@ -149,8 +237,11 @@ class AIStats:
             o.aistats_log or "off", o.aistats_log_max_bytes, o.aistats_log_backups,
             o.aistats_max_body, o.aistats_max_event, o.aistats_max_chunk_times, o.aistats_max_inflight,
             ",".join(self._attribution.session_headers), self._attribution.consumer_header)
+        if o.aistats_metrics:
+            self._start_metrics_server((o.aistats_metrics_host, o.aistats_metrics_port))
 
     def done(self) -> None:
+        self._stop_metrics_server()
         if self._sink is not None:
             self._sink.close()
             self._sink = None
@@ -162,8 +253,12 @@ class AIStats:
             if match is None:
                 return
             self._flows[flow.id] = _FlowState(match)
+            if self.metrics is not None:
+                self.metrics.request_started()
             while len(self._flows) > self._max_inflight:
                 dropped, _ = self._flows.popitem(last=False)
+                if self.metrics is not None:
+                    self.metrics.request_finished()
                 log.warning("aistats: more than %d LLM requests in flight; no record for flow %s",
                             self._max_inflight, dropped)
 
@@ -192,14 +287,17 @@ class AIStats:
         observer = st.observer
         assert observer is not None
         now = time.time
+        clock = time.perf_counter
 
         def observe(chunk: bytes) -> bytes:
             if chunk and not st.observer_failed:
+                t0 = clock()
                 try:
                     observer.feed(chunk, now())
                 except Exception as e:  # never drop or delay a chunk for our failure
                     st.observer_failed = True
                     self._report(flow_id, "stream", e)
+                self._overhead += clock() - t0
             return chunk
 
         return observe
@@ -219,6 +317,8 @@ class AIStats:
         st = self._flows.pop(flow.id, None)
         if st is None:
             return
+        if self.metrics is not None:
+            self.metrics.request_finished()
         if st.request_info is None:
             st.request_info = _read_request(flow)
         resp = flow.response
@@ -271,6 +371,10 @@ class AIStats:
         self.records_written += 1
         if self._sink is not None:
             self._sink.write(rec.to_dict())
+        if self.metrics is not None:
+            self.metrics.observe(rec)
+            self.metrics.add_overhead(self._overhead)
+            self._overhead = 0.0
         if self._print:
             log.info("aistats: %s", _summary(rec))
 
@@ -292,15 +396,16 @@ class AIStats:
 class _Guard:
     """Context manager: an exception of ours is logged once with the flow id, never raised."""
 
-    __slots__ = ("_addon", "_flow_id", "_hook")
+    __slots__ = ("_addon", "_flow_id", "_hook", "_t0")
 
     def __init__(self, addon: AIStats, flow_id: str, hook: str) -> None:
         self._addon, self._flow_id, self._hook = addon, flow_id, hook
 
     def __enter__(self) -> None:
-        return None
+        self._t0 = time.perf_counter()
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        self._addon._overhead += time.perf_counter() - self._t0
         if exc is not None and isinstance(exc, Exception):
             self._addon._report(self._flow_id, self._hook, exc)
             return True

@@ -310,14 +310,15 @@ class Client:
         return Body(self.reader, parse_headers(head), lat)
 
 
-async def sse_streams(proxy: int, up: int, count: int, events: int, interval_ms: float,
+async def sse_streams(proxy: int, up: int, lengths: list[int], interval_ms: float,
                       lat: list[float] | None, start_delay: float = 0.0) -> int:
-    """`count` sequential streams on one connection; returns SSE events received."""
+    """Sequential streams (content events per stream in `lengths`) on one keep-alive
+    connection; returns SSE events received, 3 more per stream than content events."""
     await asyncio.sleep(start_delay)
     client = await Client(proxy, up).open()
     total = 0
     try:
-        for _ in range(count):
+        for events in lengths:
             body = await client.start("sse", lat, events, interval_ms)
             await body.to_end()
             if body.events != events + 3:
@@ -326,6 +327,15 @@ async def sse_streams(proxy: int, up: int, count: int, events: int, interval_ms:
     finally:
         client.close()
     return total
+
+
+def paced_lengths(i: int, n: int, streams: int, events: int) -> list[int]:
+    """Stream lengths for paced client i of n: the first stream is cut to (i+1)/n of the rest so
+    stream starts and ends (flow setup/teardown) spread evenly over time instead of all 16 flows
+    starting at once; every client still sends streams*events content events."""
+    first = max(1, round(events * (i + 1) / n))
+    rest = [events] * (streams - 1) + ([events - first] if events - first > 0 else [])
+    return [first] + rest
 
 
 async def json_requests(proxy: int, up: int, count: int) -> int:
@@ -417,8 +427,8 @@ class Phases:
         p, u = self.proxy, self.up.port
         await asyncio.wait_for(asyncio.gather(
             json_requests(p, u, 30),
-            *(sse_streams(p, u, 3, 50, 0.0, None) for _ in range(3)),
-            *(sse_streams(p, u, 1, 20, 1.0, []) for _ in range(4)),
+            *(sse_streams(p, u, [50] * 3, 0.0, None) for _ in range(3)),
+            *(sse_streams(p, u, [20], 1.0, []) for _ in range(4)),
         ), PHASE_TIMEOUT)
         await self.ttfb(5)
         await asyncio.sleep(0.3)
@@ -470,12 +480,12 @@ class Phases:
         return {"ttfb_p50_ms": pct(samples, 0.5) * 1e3, "ttfb_p90_ms": pct(samples, 0.9) * 1e3}
 
     async def paced(self) -> dict[str, float]:
-        """Concurrent paced streams, start times staggered over one interval."""
+        """Concurrent paced streams; client starts 2 intervals apart, stream boundaries spread."""
         c, lat = self.cfg, []
         n = c.paced_clients
         events, cpu, wall = await self.measured(asyncio.gather(*(
-            sse_streams(self.proxy, self.up.port, c.paced_streams, c.paced_events, c.interval_ms,
-                        lat, i * c.interval_ms / 1000 / n) for i in range(n))))
+            sse_streams(self.proxy, self.up.port, paced_lengths(i, n, c.paced_streams, c.paced_events),
+                        c.interval_ms, lat, i * 2 * c.interval_ms / 1000) for i in range(n))))
         total = sum(events)
         return {"cpu_us_per_event": cpu / total * 1e6, "lat_p50_ms": pct(lat, 0.5) * 1e3,
                 "lat_p99_ms": pct(lat, 0.99) * 1e3, "events_per_s": total / wall,
@@ -484,7 +494,7 @@ class Phases:
     async def unpaced(self) -> dict[str, float]:
         c = self.cfg
         events, cpu, wall = await self.measured(asyncio.gather(*(
-            sse_streams(self.proxy, self.up.port, c.unpaced_streams, c.unpaced_events, 0.0, None)
+            sse_streams(self.proxy, self.up.port, [c.unpaced_events] * c.unpaced_streams, 0.0, None)
             for _ in range(c.unpaced_clients))))
         total = sum(events)
         return {"cpu_us_per_event": cpu / total * 1e6, "events_per_s": total / wall,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import socket
 import ssl
@@ -76,6 +77,8 @@ def build_args(
     args = [str(MITMDUMP), "--set", f"confdir={tmp_path / 'confdir'}"]
     if script is not None:
         args += ["-s", str(script)]
+    if script == ADDON and "aistats_metrics_port" not in options:
+        options = {**options, "aistats_metrics_port": "0"}  # never the user's default port
     for k, v in options.items():
         args += ["--set", f"{k}={v}"]
     return args + list(extra_args)
@@ -186,6 +189,16 @@ class Mitmdump:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def metrics_url(self, timeout: float = 10.0) -> str:
+        """The addon's metrics endpoint, read from its start-up log line (bounded wait)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"aistats: metrics on (http://\S+/metrics)", self.output())
+            if m:
+                return m.group(1)
+            time.sleep(0.05)
+        raise AssertionError(f"no metrics endpoint logged within {timeout} s\n{self.output()}")
 
 
 def replay(
