@@ -176,3 +176,11 @@ def test_log_sink_writes_jsonl_and_rotates(tmp_path):
     assert [x["i"] for x in lines] == list(range(20))[-len(lines):]
     assert all(p.stat().st_size <= 200 for p in tmp_path.iterdir())
     assert not path.with_name("llm.jsonl.3").exists()
+
+
+def test_disconnect_after_the_end_event_is_not_an_error(env):
+    """SDKs close the connection once they read [DONE]; the exchange itself succeeded."""
+    addon, cap = env
+    run_live(addon, chat_flow(), 200, SSE, chunks_of(OPENAI_CHAT), b"", error="Client disconnected.")
+    rec = cap.records[0]
+    assert (rec["error"], rec["error_type"], rec["output_tokens"]) == (None, None, 3)

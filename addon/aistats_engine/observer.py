@@ -46,6 +46,7 @@ class Parsed:
     stream_error: str | None = None
     stream_error_type: str | None = None
     body_error: str | None = None  # provider message in a whole body; used for non-2xx only
+    stream_complete: bool = False  # the stream reached its format's end event
     hints: list[str] = field(default_factory=list)
     parse_errors: list[str] = field(default_factory=list)
 
@@ -68,7 +69,7 @@ def _parsed_from(reader: ResponseReader, parse_errors: list[str]) -> Parsed:
         draft_tokens=r.draft_tokens, draft_accepted_tokens=r.draft_accepted_tokens,
         finish_reason=reader.finish_reason, response_model=reader.response_model,
         chat_id=reader.chat_id, stream_error=reader.error, stream_error_type=reader.error_type,
-        hints=sorted(reader.hints), parse_errors=parse_errors,
+        hints=sorted(reader.hints), parse_errors=parse_errors, stream_complete=reader.complete,
     )
 
 

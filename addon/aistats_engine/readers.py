@@ -82,11 +82,16 @@ class ResponseReader:
     hints: set[str] = field(default_factory=set)
     events: int = 0
     invalid_events: int = 0
+    complete: bool = False  # saw the format's end-of-stream event
+
 
     # -- streams ---------------------------------------------------------------------------
     def on_event(self, name: str | None, data: bytes) -> bool:
         """Read one framed event; True when it carries generated content."""
-        if not data or data == b"[DONE]":
+        if not data:
+            return False
+        if data == b"[DONE]":
+            self.complete = True
             return False
         self.events += 1
         try:
@@ -107,7 +112,9 @@ class ResponseReader:
         api = self.api
         if api == "messages":
             t = obj.get("type")
-            if t == "message_delta":
+            if t == "message_stop":
+                self.complete = True
+            elif t == "message_delta":
                 d = obj.get("delta")
                 if isinstance(d, dict) and d.get("stop_reason"):
                     self.finish_reason = d["stop_reason"]
@@ -117,6 +124,7 @@ class ResponseReader:
             if t in _RESPONSES_CONTENT:
                 return bool(obj.get("delta"))
             if t in _RESPONSES_END:
+                self.complete = True
                 r = obj.get("response")
                 if isinstance(r, dict):
                     self._responses_final(r)
@@ -124,13 +132,19 @@ class ResponseReader:
                         self._stream_error(r, "response_failed")
             return False
         if api == "generate_content":
+            if _finish_reason(obj):
+                self.complete = True
             return _gemini_content(obj)
         if api in ("ollama_chat", "ollama_generate"):
+            if obj.get("done") is True:
+                self.complete = True
             m = obj.get("message")
             if isinstance(m, dict) and (m.get("content") or m.get("thinking") or m.get("tool_calls")):
                 return True
             return bool(obj.get("response") or obj.get("thinking"))
         if api == "converse":
+            if name == "metadata" or "metrics" in obj and "usage" in obj:
+                self.complete = True
             return name == "contentBlockDelta" or "contentBlockDelta" in obj or (
                 isinstance(obj.get("delta"), dict) and "contentBlockIndex" in obj)
         # OpenAI-compatible chat / completions (also llama.cpp, vLLM, infill)

@@ -141,6 +141,10 @@ def build_record(
         # Error bodies are expected to be plain text or odd JSON: only decoding failures count.
         problems = [e for e in p.parse_errors if e.startswith("response decompression failed")]
 
+    if failure is not None and ok and p.stream_complete:
+        # The stream reached its end event before the connection went (SDKs close after
+        # [DONE]): the exchange succeeded.
+        failure = None
     if failure is not None:
         rec.error = errors.clip(failure.message) or "flow failed"
         rec.error_type = classify_failure(failure.message, resp is not None)
