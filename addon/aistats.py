@@ -24,42 +24,26 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # mitmproxy adds it for -s scripts; tests import this file directly
     sys.path.insert(0, _HERE)
 
-from aistats_engine import framing  # noqa: E402
-from aistats_engine.metrics import DURATION_BUCKETS, Metrics, MetricsConfig  # noqa: E402
+from aistats_engine import framing, settings  # noqa: E402
+from aistats_engine.logsink import JsonlSink  # noqa: E402
+from aistats_engine.metrics import Metrics, MetricsConfig  # noqa: E402
 from aistats_engine.metrics_server import MetricsServer  # noqa: E402
-from aistats_engine.logsink import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, JsonlSink  # noqa: E402
-from aistats_engine.observer import (  # noqa: E402
-    DEFAULT_MAX_BODY, DEFAULT_MAX_CHUNK_TIMES, DEFAULT_MAX_EVENT, Parsed, StreamObserver,
-    StreamTiming, parse_body)
+from aistats_engine.observer import Parsed, StreamObserver, StreamTiming, parse_body  # noqa: E402
 from aistats_engine.providers import ApiMatch, match_api  # noqa: E402
 from aistats_engine.readers import RequestInfo, read_request  # noqa: E402
 from aistats_engine.record import Record  # noqa: E402
 from aistats_engine.record_builder import (  # noqa: E402
-    DEFAULT_CONSUMER_HEADER, DEFAULT_SESSION_HEADERS, Attribution, Failure, RequestMeta,
-    ResponseMeta, build_record)
+    Attribution, Failure, RequestMeta, ResponseMeta, build_record)
 
 log = logging.getLogger("aistats")
 
 METADATA_KEY = "aistats"
 METADATA_VERSION = 1
-DEFAULT_MAX_INFLIGHT = 10_000
-DEFAULT_METRICS_PORT = 9464
-DEFAULT_LABEL_LIMIT = 100
 
 
-def _buckets(option: str, text: str, default: tuple[float, ...]) -> tuple[float, ...]:
-    """Comma-separated increasing seconds, e.g. ``0.1,0.5,1,5,30,60``; empty → the default."""
-    if not text.strip():
-        return default
-    try:
-        values = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or any(b <= a for a, b in zip(values, values[1:])) or values[0] <= 0:
-        raise exceptions.OptionsError(
-            f"{option}: {text!r} is invalid; expected increasing positive numbers separated "
-            "by commas, e.g. 0.1,0.5,1,5,30,60")
-    return values
+def _metrics_part(s: settings.Settings) -> tuple:
+    return (s.metrics, s.metrics_host, s.metrics_port, s.metrics_server_trio,
+            s.metrics_label_limit, s.duration_buckets, s.ttft_buckets)
 
 
 class _FlowState:
@@ -81,164 +65,96 @@ class AIStats:
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self._flows: OrderedDict[str, _FlowState] = OrderedDict()
+        self.settings: settings.Settings | None = None
+        self._running = False
         self._sink: JsonlSink | None = None
-        self._sink_path = ""
         self._attribution = Attribution()
-        self._max_body = DEFAULT_MAX_BODY
-        self._max_event = DEFAULT_MAX_EVENT
-        self._max_times = DEFAULT_MAX_CHUNK_TIMES
-        self._max_inflight = DEFAULT_MAX_INFLIGHT
-        self._print = True
-        self._reported: set[str] = set()
-        self.records_written = 0
-        self.metrics: Metrics | None = Metrics()
+        self.metrics: Metrics | None = None
         self._metrics_server: MetricsServer | None = None
-        self._metrics_addr: tuple[str, int] | None = None
+        self._reported: set[str] = set()
         self._overhead = 0.0  # seconds spent in our hooks, flushed to the metric per record
+        self.records_written = 0
 
     # -- options ---------------------------------------------------------------------------
     def load(self, loader: Any) -> None:
-        loader.add_option("aistats_log", str, "",
-                          "Write one JSON record per LLM request to this JSON Lines file.")
-        loader.add_option("aistats_log_max_bytes", int, DEFAULT_MAX_BYTES,
-                          "Rotate the log when it would exceed this many bytes (0: never).")
-        loader.add_option("aistats_log_backups", int, DEFAULT_BACKUPS,
-                          "Rotated log files to keep (log.1 … log.N).")
-        loader.add_option("aistats_max_body", int, DEFAULT_MAX_BODY,
-                          "Per-flow cap in bytes on the body copy aistats keeps and parses.")
-        loader.add_option("aistats_max_event", int, DEFAULT_MAX_EVENT,
-                          "Per-flow cap in bytes on one stream event (bigger ones are skipped).")
-        loader.add_option("aistats_max_chunk_times", int, DEFAULT_MAX_CHUNK_TIMES,
-                          "Per-flow cap on stored content-chunk timestamps.")
-        loader.add_option("aistats_max_inflight", int, DEFAULT_MAX_INFLIGHT,
-                          "Cap on concurrently tracked LLM requests (oldest dropped beyond).")
-        loader.add_option("aistats_session_headers", str, ",".join(DEFAULT_SESSION_HEADERS),
-                          "Comma-separated request headers, first present one is the session id.")
-        loader.add_option("aistats_consumer_header", str, DEFAULT_CONSUMER_HEADER,
-                          "Request header naming the consumer.")
-        loader.add_option("aistats_print", bool, True,
-                          "Print a one-line summary per LLM request.")
-        loader.add_option("aistats_metrics", bool, True,
-                          "Serve Prometheus metrics on aistats_metrics_host:aistats_metrics_port.")
-        loader.add_option("aistats_metrics_host", str, "127.0.0.1",
-                          "Address the metrics endpoint binds to.")
-        loader.add_option("aistats_metrics_port", int, DEFAULT_METRICS_PORT,
-                          "Port of the metrics endpoint (0: any free port, logged at start).")
-        loader.add_option("aistats_metrics_server_trio", bool, False,
-                          "Also export gen_ai_server_* histograms (Envoy AI Gateway dashboards).")
-        loader.add_option("aistats_metrics_label_limit", int, DEFAULT_LABEL_LIMIT,
-                          "Distinct values kept per metric label (models, consumers); "
-                          "more go to 'other'.")
-        loader.add_option("aistats_metrics_duration_buckets", str, "",
-                          "Seconds, comma-separated: buckets of the duration histograms "
-                          "(default: the OTel GenAI list, 0.01 … 81.92).")
-        loader.add_option("aistats_metrics_ttft_buckets", str, "",
-                          "Seconds, comma-separated: buckets of the time-to-first-chunk "
-                          "histogram (default: 0.01 … 81.92).")
+        for spec in settings.OPTIONS:
+            loader.add_option(spec.name, spec.type, spec.default, spec.help)
 
     def configure(self, updated: set[str]) -> None:
+        if self.settings is not None and not any(n.startswith("aistats_") for n in updated):
+            return
         from mitmproxy import ctx
 
-        o = ctx.options
-        for name in ("aistats_log_max_bytes", "aistats_log_backups", "aistats_max_body",
-                     "aistats_max_event", "aistats_max_chunk_times", "aistats_max_inflight"):
-            if name in updated:
-                value = getattr(o, name)
-                minimum = 0 if name in ("aistats_log_max_bytes", "aistats_log_backups",
-                                        "aistats_max_chunk_times") else 1
-                if value < minimum:
-                    raise exceptions.OptionsError(
-                        f"{name}: {value} is invalid; expected an integer >= {minimum}")
-        headers = [h.strip().lower() for h in o.aistats_session_headers.split(",") if h.strip()]
-        for h in headers + [o.aistats_consumer_header.strip().lower()]:
-            if not h or not all(c.isalnum() or c in "-_" for c in h):
-                raise exceptions.OptionsError(
-                    f"aistats_session_headers/aistats_consumer_header: {h!r} is invalid; "
-                    "expected HTTP header names such as x-session-id")
-        self._attribution = Attribution(tuple(headers), o.aistats_consumer_header.strip().lower())
-        self._max_body = o.aistats_max_body
-        self._max_event = o.aistats_max_event
-        self._max_times = o.aistats_max_chunk_times
-        self._max_inflight = o.aistats_max_inflight
-        self._print = o.aistats_print
-        if updated & {"aistats_log", "aistats_log_max_bytes", "aistats_log_backups"}:
-            self._open_sink(o.aistats_log, o.aistats_log_max_bytes, o.aistats_log_backups)
-        if any(name.startswith("aistats_metrics") for name in updated):
-            self._configure_metrics(o)
+        try:
+            new = settings.parse({spec.name: getattr(ctx.options, spec.name)
+                                  for spec in settings.OPTIONS})
+            self._apply(new)
+        except settings.SettingsError as e:
+            if self._running:  # a change at run time (mitmweb, console): roll it back
+                raise exceptions.OptionsError(str(e)) from None
+            # At start-up one ERROR line makes mitmdump exit non-zero, without a traceback.
+            log.error("aistats: %s", e)
 
-    def _configure_metrics(self, o: Any) -> None:
-        if not 0 <= o.aistats_metrics_port <= 65535:
-            raise exceptions.OptionsError(
-                f"aistats_metrics_port: {o.aistats_metrics_port} is invalid; "
-                "expected a port number 0-65535")
-        if o.aistats_metrics_label_limit < 1:
-            raise exceptions.OptionsError(
-                f"aistats_metrics_label_limit: {o.aistats_metrics_label_limit} is invalid; "
-                "expected an integer >= 1")
-        duration = _buckets("aistats_metrics_duration_buckets",
-                            o.aistats_metrics_duration_buckets, DURATION_BUCKETS)
-        ttft = _buckets("aistats_metrics_ttft_buckets", o.aistats_metrics_ttft_buckets,
-                        DURATION_BUCKETS)
-        self.metrics = Metrics(MetricsConfig(
-            duration_buckets=duration, time_to_first_chunk_buckets=ttft,
-            time_per_output_chunk_buckets=duration, server_metrics=o.aistats_metrics_server_trio,
-            default_label_limit=o.aistats_metrics_label_limit,
-            label_limits={"model": o.aistats_metrics_label_limit,
-                          "consumer": o.aistats_metrics_label_limit},
-        )) if o.aistats_metrics else None
-        addr = (o.aistats_metrics_host, o.aistats_metrics_port) if o.aistats_metrics else None
-        if self._metrics_server is not None:  # reconfigured while running: serve the new one
-            self._stop_metrics_server()
-            self._start_metrics_server(addr)
+    def _apply(self, new: settings.Settings) -> None:
+        old = self.settings
+        if (old is None or (old.log_path, old.log_max_bytes, old.log_backups)
+                != (new.log_path, new.log_max_bytes, new.log_backups)):
+            self._open_sink(new)
+        self._attribution = Attribution(new.session_headers, new.consumer_header)
+        if old is None or _metrics_part(old) != _metrics_part(new):
+            self.metrics = Metrics(MetricsConfig(
+                duration_buckets=new.duration_buckets,
+                time_to_first_chunk_buckets=new.ttft_buckets,
+                time_per_output_chunk_buckets=new.duration_buckets,
+                server_metrics=new.metrics_server_trio,
+                default_label_limit=new.metrics_label_limit,
+                label_limits={"model": new.metrics_label_limit,
+                              "consumer": new.metrics_label_limit},
+            )) if new.metrics else None
+            if self._running:  # reconfigured at run time: serve the new registry
+                self._stop_metrics_server()
+                self._start_metrics_server(new)
+        self.settings = new
 
-    def _start_metrics_server(self, addr: tuple[str, int] | None) -> None:
-        self._metrics_addr = addr
-        if addr is None or self.metrics is None:
+    def _open_sink(self, new: settings.Settings) -> None:
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+        if not new.log_path:
             return
-        server = MetricsServer(self.metrics.registry, host=addr[0], port=addr[1])
+        try:
+            self._sink = JsonlSink(Path(new.log_path).expanduser(), max_bytes=new.log_max_bytes,
+                                   backups=new.log_backups)
+        except OSError as e:
+            raise settings.SettingsError("aistats_log", new.log_path,
+                                         f"a writable file path ({e.strerror or e})") from None
+
+    def running(self) -> None:
+        self._running = True
+        if self.settings is None:
+            return  # configuration failed; mitmdump is exiting
+        log.info("aistats: %s", self.settings.describe())
+        self._start_metrics_server(self.settings)
+
+    def _start_metrics_server(self, cfg: settings.Settings) -> None:
+        if not cfg.metrics or self.metrics is None:
+            return
+        server = MetricsServer(self.metrics.registry, host=cfg.metrics_host, port=cfg.metrics_port)
         try:
             server.start()
         except OSError as e:
-            # ERROR during start-up makes mitmdump exit non-zero, with this one line.
+            # At start-up this ERROR line makes mitmdump exit non-zero.
             log.error("aistats: cannot serve metrics on %s:%d: %s; set aistats_metrics_port "
-                      "to a free port or aistats_metrics=false", addr[0], addr[1],
-                      e.strerror or e)
+                      "to a free port or aistats_metrics=false", cfg.metrics_host,
+                      cfg.metrics_port, e.strerror or e)
             return
         self._metrics_server = server
-        log.info("aistats: metrics on http://%s:%d/metrics", addr[0], server.port)
+        log.info("aistats: metrics on http://%s:%d/metrics", cfg.metrics_host, server.port)
 
     def _stop_metrics_server(self) -> None:
         if self._metrics_server is not None:
             self._metrics_server.stop()
             self._metrics_server = None
-
-    def _open_sink(self, path: str, max_bytes: int, backups: int) -> None:
-        old = self._sink
-        self._sink = None
-        if old is not None:
-            old.close()
-        self._sink_path = path
-        if not path:
-            return
-        try:
-            self._sink = JsonlSink(Path(path).expanduser(), max_bytes=max_bytes, backups=backups)
-        except OSError as e:
-            raise exceptions.OptionsError(
-                f"aistats_log: cannot open {path!r} ({e.strerror or e}); "
-                "expected a writable file path") from None
-
-    def running(self) -> None:
-        from mitmproxy import ctx
-
-        o = ctx.options
-        log.info(
-            "aistats: log=%s (rotate at %d bytes, %d backups) max_body=%d max_event=%d "
-            "max_chunk_times=%d max_inflight=%d session_headers=%s consumer_header=%s",
-            o.aistats_log or "off", o.aistats_log_max_bytes, o.aistats_log_backups,
-            o.aistats_max_body, o.aistats_max_event, o.aistats_max_chunk_times, o.aistats_max_inflight,
-            ",".join(self._attribution.session_headers), self._attribution.consumer_header)
-        if o.aistats_metrics:
-            self._start_metrics_server((o.aistats_metrics_host, o.aistats_metrics_port))
 
     def done(self) -> None:
         self._stop_metrics_server()
@@ -249,18 +165,19 @@ class AIStats:
     # -- hooks -----------------------------------------------------------------------------
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         with self._guard(flow, "requestheaders"):
+            cfg = self.settings
             match = match_api(flow.request.method, flow.request.path)
-            if match is None:
+            if match is None or cfg is None:
                 return
             self._flows[flow.id] = _FlowState(match)
             if self.metrics is not None:
                 self.metrics.request_started()
-            while len(self._flows) > self._max_inflight:
+            while len(self._flows) > cfg.max_inflight:
                 dropped, _ = self._flows.popitem(last=False)
                 if self.metrics is not None:
                     self.metrics.request_finished()
                 log.warning("aistats: more than %d LLM requests in flight; no record for flow %s",
-                            self._max_inflight, dropped)
+                            cfg.max_inflight, dropped)
 
     def request(self, flow: http.HTTPFlow) -> None:
         with self._guard(flow, "request"):
@@ -274,14 +191,23 @@ class AIStats:
             resp = flow.response
             if st is None or resp is None or not flow.live:
                 return
-            framer_cls = framing.framer_for(resp.headers.get("content-type"))
-            if framer_cls is None or callable(resp.stream):
-                return  # not a stream, or another addon already owns it
-            st.observer = StreamObserver(
-                st.match.api, framer_cls(max_event=self._max_event),
-                resp.headers.get("content-encoding"), flow.request.timestamp_start,
-                max_body=self._max_body, max_chunk_times=self._max_times)
-            resp.stream = self._stream_fn(flow.id, st)
+            if callable(resp.stream):
+                return  # another addon already owns the stream
+            st.observer = self._stream_observer(st, flow)
+            if st.observer is not None:
+                resp.stream = self._stream_fn(flow.id, st)
+
+    def _stream_observer(self, st: _FlowState, flow: http.HTTPFlow) -> StreamObserver | None:
+        """An observer for a streamed content type (SSE, NDJSON, AWS event stream), else None."""
+        resp = flow.response
+        cfg = self.settings
+        assert resp is not None and cfg is not None
+        framer_cls = framing.framer_for(resp.headers.get("content-type"))
+        if framer_cls is None:
+            return None
+        return StreamObserver(st.match.api, framer_cls(max_event=cfg.max_event),
+                              resp.headers.get("content-encoding"), flow.request.timestamp_start,
+                              max_body=cfg.max_body, max_chunk_times=cfg.max_chunk_times)
 
     def _stream_fn(self, flow_id: str, st: _FlowState) -> Callable[[bytes], bytes]:
         observer = st.observer
@@ -355,17 +281,13 @@ class AIStats:
 
     def _parse_stored(self, st: _FlowState, flow: http.HTTPFlow, stream: bool) -> Parsed:
         resp = flow.response
-        assert resp is not None
-        encoding = resp.headers.get("content-encoding")
-        if stream:
-            framer_cls = framing.framer_for(resp.headers.get("content-type"))
-            assert framer_cls is not None
-            obs = StreamObserver(st.match.api, framer_cls(max_event=self._max_event), encoding,
-                                 flow.request.timestamp_start, max_body=self._max_body,
-                                 max_chunk_times=self._max_times)
+        assert resp is not None and self.settings is not None
+        obs = self._stream_observer(st, flow) if stream else None
+        if obs is not None:
             obs.feed_all(resp.raw_content or b"")
             return obs.finish(complete=flow.error is None)
-        return parse_body(st.match.api, resp.raw_content, encoding, max_body=self._max_body)
+        return parse_body(st.match.api, resp.raw_content, resp.headers.get("content-encoding"),
+                          max_body=self.settings.max_body)
 
     def _emit(self, rec: Record) -> None:
         self.records_written += 1
@@ -375,7 +297,7 @@ class AIStats:
             self.metrics.observe(rec)
             self.metrics.add_overhead(self._overhead)
             self._overhead = 0.0
-        if self._print:
+        if self.settings is not None and self.settings.print_summary:
             log.info("aistats: %s", _summary(rec))
 
     # -- failure containment ---------------------------------------------------------------

@@ -89,7 +89,7 @@ def test_exception_in_a_hook_is_contained(env, monkeypatch, caplog):
 
 
 def test_capped_stream_is_marked_and_replays_from_metadata():
-    addon, ctx, cap = new_addon(aistats_max_body=100)
+    addon, ctx, cap = new_addon(aistats_max_body="100")
     try:
         f = run_live(addon, chat_flow(), 200, SSE, chunks_of(OPENAI_CHAT), OPENAI_CHAT)
         rec = cap.records[0]
@@ -151,17 +151,35 @@ def test_stream_error_event_in_200(env):
 
 
 @pytest.mark.parametrize("option,value,fragment", [
-    ("aistats_max_body", 0, "aistats_max_body: 0 is invalid; expected an integer >= 1"),
-    ("aistats_log_backups", -1, "aistats_log_backups: -1 is invalid"),
+    ("aistats_max_body", "0", "aistats_max_body: '0' is invalid; expected a size in bytes >= 1"),
+    ("aistats_max_body", "lots", "aistats_max_body: 'lots' is invalid"),
+    ("aistats_log_backups", "-1", "aistats_log_backups: '-1' is invalid; expected an integer 0-1000"),
+    ("aistats_metrics_port", "abc", "aistats_metrics_port: 'abc' is invalid; expected an integer 0-65535"),
     ("aistats_session_headers", "x-ok,bad header", "expected HTTP header names"),
-    ("aistats_log", "/proc/nonexistent/dir/x.jsonl", "aistats_log: cannot open"),
+    ("aistats_metrics_ttft_buckets", "1,0.5", "expected increasing positive seconds"),
+    ("aistats_log", "/proc/nonexistent/dir/x.jsonl", "aistats_log: '/proc/nonexistent/dir/x.jsonl' is invalid; expected a writable file path"),
 ])
-def test_bad_options_are_one_line_errors(option, value, fragment):
+def test_bad_options_are_one_line_errors(option, value, fragment, caplog):
     addon = aistats.AIStats()
     with taddons.context(addon) as tctx:
+        # At start-up: one ERROR line (mitmdump then exits non-zero), no exception, no traceback.
+        tctx.configure(addon, **{option: value})
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and fragment in errors[0].getMessage()
+        assert "\n" not in errors[0].getMessage() and errors[0].exc_info is None
+        # At run time: the change is refused and rolled back.
+        addon._running = True
         with pytest.raises(exceptions.OptionsError) as e:
             tctx.configure(addon, **{option: value})
-        assert fragment in str(e.value) and "\n" not in str(e.value)
+        assert fragment in str(e.value)
+
+
+def test_sizes_accept_units():
+    addon, ctx, _ = new_addon(aistats_max_body="2MiB", aistats_log_max_bytes="1kb")
+    try:
+        assert (addon.settings.max_body, addon.settings.log_max_bytes) == (2 << 20, 1000)
+    finally:
+        ctx.__exit__(None, None, None)
 
 
 def test_log_sink_writes_jsonl_and_rotates(tmp_path):

@@ -294,3 +294,11 @@ def test_zz_replay_of_the_flow_file_gives_identical_records(env):
     assert len(replayed) == len(live) >= 15
     for r in live:
         assert by_flow[r["flow_id"]] == drop_ids(r), r["model"]
+
+
+def test_bad_config_stops_mitmdump_with_one_line(tmp_path):
+    from mitm import start_mitmdump_expect_failure
+    rc, out = start_mitmdump_expect_failure(tmp_path, options={"aistats_max_body": "lots"})
+    assert rc != 0
+    assert "aistats_max_body: 'lots' is invalid; expected a size in bytes" in out
+    assert "Traceback" not in out

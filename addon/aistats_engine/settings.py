@@ -1,0 +1,187 @@
+"""The addon's options: names, defaults, help, and parsing into one validated ``Settings``.
+
+mitmproxy reports a failed conversion of an ``int`` option by silently not loading the script,
+so every non-boolean option is declared as a string and parsed here, where a bad value gets one
+line naming the option, the value and the expected form.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .logsink import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
+from .metrics import DURATION_BUCKETS
+from .observer import DEFAULT_MAX_BODY, DEFAULT_MAX_CHUNK_TIMES, DEFAULT_MAX_EVENT
+from .record_builder import DEFAULT_CONSUMER_HEADER, DEFAULT_SESSION_HEADERS
+
+DEFAULT_MAX_INFLIGHT = 10_000
+DEFAULT_METRICS_PORT = 9464
+DEFAULT_LABEL_LIMIT = 100
+
+
+class SettingsError(ValueError):
+    """One line: ``<option>: <value> is invalid; expected <form>``."""
+
+    def __init__(self, option: str, value: object, expected: str) -> None:
+        super().__init__(f"{option}: {value!r} is invalid; expected {expected}")
+
+
+@dataclass(frozen=True, slots=True)
+class OptionSpec:
+    name: str
+    default: str | bool
+    help: str
+
+    @property
+    def type(self) -> type:
+        return bool if isinstance(self.default, bool) else str
+
+
+OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec("aistats_log", "", "JSON Lines file: one record per LLM request (empty: off)."),
+    OptionSpec("aistats_log_max_bytes", str(DEFAULT_MAX_BYTES),
+               "Rotate the log before it passes this size (bytes, or 100MiB; 0: never)."),
+    OptionSpec("aistats_log_backups", str(DEFAULT_BACKUPS), "Rotated log files kept."),
+    OptionSpec("aistats_max_body", str(DEFAULT_MAX_BODY),
+               "Per-flow bound on the body copy aistats keeps and parses (bytes, or 16MiB)."),
+    OptionSpec("aistats_max_event", str(DEFAULT_MAX_EVENT),
+               "Per-flow bound on one stream event; bigger events are skipped (bytes, or 4MiB)."),
+    OptionSpec("aistats_max_chunk_times", str(DEFAULT_MAX_CHUNK_TIMES),
+               "Per-flow bound on stored content-chunk timestamps."),
+    OptionSpec("aistats_max_inflight", str(DEFAULT_MAX_INFLIGHT),
+               "Bound on LLM requests tracked at once; beyond it the oldest is dropped."),
+    OptionSpec("aistats_session_headers", ",".join(DEFAULT_SESSION_HEADERS),
+               "Comma-separated request headers; the first present gives session_id."),
+    OptionSpec("aistats_consumer_header", DEFAULT_CONSUMER_HEADER,
+               "Request header giving consumer."),
+    OptionSpec("aistats_print", True, "Print a one-line summary per LLM request."),
+    OptionSpec("aistats_metrics", True, "Serve Prometheus metrics."),
+    OptionSpec("aistats_metrics_host", "127.0.0.1", "Address the metrics endpoint binds to."),
+    OptionSpec("aistats_metrics_port", str(DEFAULT_METRICS_PORT),
+               "Port of the metrics endpoint (0: any free port, logged at start)."),
+    OptionSpec("aistats_metrics_server_trio", False,
+               "Also export gen_ai_server_* histograms (Envoy AI Gateway dashboards)."),
+    OptionSpec("aistats_metrics_label_limit", str(DEFAULT_LABEL_LIMIT),
+               "Distinct values kept per metric label (models, consumers); more become 'other'."),
+    OptionSpec("aistats_metrics_duration_buckets", "",
+               "Seconds, comma-separated, for the duration and per-chunk histograms "
+               "(empty: the OTel GenAI list 0.01 … 81.92)."),
+    OptionSpec("aistats_metrics_ttft_buckets", "",
+               "Seconds, comma-separated, for the time-to-first-chunk histogram "
+               "(empty: 0.01 … 81.92)."),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    log_path: str
+    log_max_bytes: int
+    log_backups: int
+    max_body: int
+    max_event: int
+    max_chunk_times: int
+    max_inflight: int
+    session_headers: tuple[str, ...]
+    consumer_header: str
+    print_summary: bool
+    metrics: bool
+    metrics_host: str
+    metrics_port: int
+    metrics_server_trio: bool
+    metrics_label_limit: int
+    duration_buckets: tuple[float, ...]
+    ttft_buckets: tuple[float, ...]
+
+    def describe(self) -> str:
+        """The effective configuration, for the start-up log line."""
+        return (f"log={self.log_path or 'off'} (rotate at {self.log_max_bytes} bytes, "
+                f"{self.log_backups} backups) max_body={self.max_body} "
+                f"max_event={self.max_event} max_chunk_times={self.max_chunk_times} "
+                f"max_inflight={self.max_inflight} "
+                f"session_headers={','.join(self.session_headers)} "
+                f"consumer_header={self.consumer_header} "
+                f"metrics={f'{self.metrics_host}:{self.metrics_port}' if self.metrics else 'off'} "
+                f"label_limit={self.metrics_label_limit} server_trio={self.metrics_server_trio}")
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
+_HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+def _int(name: str, text: object, minimum: int, maximum: int | None = None) -> int:
+    form = f"an integer >= {minimum}" if maximum is None else f"an integer {minimum}-{maximum}"
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise SettingsError(name, text, form) from None
+    if value < minimum or (maximum is not None and value > maximum):
+        raise SettingsError(name, text, form)
+    return value
+
+
+def _size(name: str, text: object, minimum: int) -> int:
+    m = _SIZE.match(str(text))
+    if not m:
+        raise SettingsError(name, text, f"a size in bytes >= {minimum}, e.g. 1048576 or 16MiB")
+    value = int(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value < minimum:
+        raise SettingsError(name, text, f"a size in bytes >= {minimum}, e.g. 1048576 or 16MiB")
+    return value
+
+
+def _headers(name: str, text: object, allow_empty: bool) -> tuple[str, ...]:
+    names = tuple(h.strip().lower() for h in str(text).split(",") if h.strip())
+    if (not names and not allow_empty) or not all(_HEADER.match(h) for h in names):
+        raise SettingsError(name, text, "HTTP header names separated by commas, e.g. x-session-id")
+    return names
+
+
+def _buckets(name: str, text: object, default: tuple[float, ...]) -> tuple[float, ...]:
+    if not str(text).strip():
+        return default
+    form = "increasing positive seconds separated by commas, e.g. 0.1,0.5,1,5,30,60"
+    try:
+        values = tuple(float(x) for x in str(text).split(","))
+    except ValueError:
+        raise SettingsError(name, text, form) from None
+    if values[0] <= 0 or any(b <= a for a, b in zip(values, values[1:])):
+        raise SettingsError(name, text, form)
+    return values
+
+
+def parse(values: Mapping[str, object]) -> Settings:
+    """Validate raw option values (as mitmproxy holds them); raises SettingsError."""
+    v = values
+    consumer = _headers("aistats_consumer_header", v["aistats_consumer_header"], False)
+    if len(consumer) != 1:
+        raise SettingsError("aistats_consumer_header", v["aistats_consumer_header"],
+                            "one HTTP header name, e.g. x-mse-consumer")
+    host = str(v["aistats_metrics_host"]).strip()
+    if not host:
+        raise SettingsError("aistats_metrics_host", host, "an address such as 127.0.0.1")
+    return Settings(
+        log_path=str(v["aistats_log"]).strip(),
+        log_max_bytes=_size("aistats_log_max_bytes", v["aistats_log_max_bytes"], 0),
+        log_backups=_int("aistats_log_backups", v["aistats_log_backups"], 0, 1000),
+        max_body=_size("aistats_max_body", v["aistats_max_body"], 1),
+        max_event=_size("aistats_max_event", v["aistats_max_event"], 1),
+        max_chunk_times=_int("aistats_max_chunk_times", v["aistats_max_chunk_times"], 0),
+        max_inflight=_int("aistats_max_inflight", v["aistats_max_inflight"], 1),
+        session_headers=_headers("aistats_session_headers", v["aistats_session_headers"], True),
+        consumer_header=consumer[0],
+        print_summary=bool(v["aistats_print"]),
+        metrics=bool(v["aistats_metrics"]),
+        metrics_host=host,
+        metrics_port=_int("aistats_metrics_port", v["aistats_metrics_port"], 0, 65535),
+        metrics_server_trio=bool(v["aistats_metrics_server_trio"]),
+        metrics_label_limit=_int("aistats_metrics_label_limit",
+                                 v["aistats_metrics_label_limit"], 1),
+        duration_buckets=_buckets("aistats_metrics_duration_buckets",
+                                  v["aistats_metrics_duration_buckets"], DURATION_BUCKETS),
+        ttft_buckets=_buckets("aistats_metrics_ttft_buckets", v["aistats_metrics_ttft_buckets"],
+                              DURATION_BUCKETS),
+    )
