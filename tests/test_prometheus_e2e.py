@@ -48,6 +48,7 @@ irate(route_upstream_model_consumer_metric_llm_stream_duration_count[2m])"""
 
 SLOW_S = 0.5  # the slow streams' gap between their first (contentless) event and the first content
 WAIT_S = 20.0  # bound on every wait for Prometheus to see something
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore *_proxy env vars
 
 
 def _prometheus_binary() -> str:
@@ -113,7 +114,7 @@ class Prometheus:
             if self.proc.poll() is not None:
                 raise AssertionError(f"prometheus exited with {self.proc.returncode}\n{self.output()}")
             try:
-                with urllib.request.urlopen(self.url + "/-/ready", timeout=1) as r:
+                with _DIRECT.open(self.url + "/-/ready", timeout=1) as r:
                     if r.status == 200:
                         return self
             except (urllib.error.URLError, OSError):
@@ -149,7 +150,7 @@ class Prometheus:
         if at is not None:
             params["time"] = f"{at:.3f}"
         url = f"{self.url}/api/v1/query?{urllib.parse.urlencode(params)}"
-        with urllib.request.urlopen(url, timeout=5) as r:
+        with _DIRECT.open(url, timeout=5) as r:
             body = json.load(r)
         assert body["status"] == "success", body
         return body["data"]["result"]
