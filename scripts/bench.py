@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Overhead benchmark: mitmdump + addon/aistats.py against mitmdump + scripts/passthrough.py (the floor).
 
-Both sides run in one invocation, alternating floor/aistats (ABBA order) so drift on this noisy VM
-hits both alike; each run is a fresh mitmdump pinned to CPU 1, while this process (fake upstream and
+Both sides run in one invocation, alternating floor/aistats (order swapped every repeat) so drift
+on this noisy VM hits both alike; each run is a fresh mitmdump pinned to CPU 1, while this process (fake upstream and
 client on one asyncio loop, raw streams, HTTP/1.1 chunked) is pinned to CPU 0. Workloads per run:
 
 * paced SSE: many concurrent OpenAI chat.completion.chunk streams, each event flushed separately a
@@ -34,7 +34,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADDON = ROOT / "addon" / "aistats.py"
@@ -56,7 +56,7 @@ class Config:
     """Workload sizes; the defaults keep a 3-repeat run under ~6 minutes on 2 cores."""
 
     paced_clients: int = 16
-    paced_streams: int = 6  # content events per client = paced_streams * paced_events
+    paced_streams: int = 10  # content events per client = paced_streams * paced_events
     paced_events: int = 250
     interval_ms: float = 3.0
     unpaced_clients: int = 4
@@ -69,7 +69,7 @@ class Config:
     max_wait_quiet: float = 30.0  # seconds to wait for other load to stop before each run
     max_foreign: float = 0.3  # cores of other load during a run above which it is redone...
     retries: int = 2  # ...at most this often, keeping the attempt with the least other load
-    budget_s: float = 330.0  # no retries once the benchmark has run this long
+    budget_s: float = 240.0  # no waiting or retries once the benchmark has run this long
 
     @classmethod
     def quick(cls) -> Config:
@@ -368,7 +368,9 @@ def busy_seconds() -> float:
     """CPU time spent non-idle by all CPUs since boot (from /proc/stat), in seconds."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
-    return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK  # minus idle and iowait; guest is inside user
+    # user..steal minus idle and iowait (guest time is inside user); steal counts: the host
+    # taking the vCPU away disturbs a run as much as another process does
+    return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK
 
 
 def own_cpu_seconds() -> float:
@@ -417,11 +419,11 @@ class Phases:
         self.up = up
         self.cfg = cfg
 
-    async def measured(self, coro: Any) -> tuple[Any, float, float]:
+    async def measured(self, work: Awaitable[Any]) -> tuple[Any, float, float]:
         """Run a workload; return (result, mitmdump CPU seconds, wall seconds). The 0.1 s settle
         lets mitmdump finish its response hooks before CPU is read (idle cost is ~0-3 ms/s)."""
         c0, t0 = cpu_seconds(self.pid), time.perf_counter()
-        result = await asyncio.wait_for(coro, PHASE_TIMEOUT)
+        result = await asyncio.wait_for(work, PHASE_TIMEOUT)
         wall = time.perf_counter() - t0
         await asyncio.sleep(0.1)
         return result, cpu_seconds(self.pid) - c0, wall
@@ -611,10 +613,11 @@ def log_problems(log: Path) -> list[str]:
 
 
 def run_side(exe: str, addon: Path, sets: list[str], cfg: Config, confdir: Path, pin: bool,
-             tmp: Path, tag: str) -> dict[str, Any]:
+             tmp: Path, tag: str, max_wait: float) -> dict[str, Any]:
+    """One fresh mitmdump for one side: wait for quiet, start, measure, stop."""
     workdir = tmp / tag
     workdir.mkdir()
-    load_before = wait_quiet(cfg.max_wait_quiet) if cfg.max_wait_quiet > 0 else None
+    load_before = wait_quiet(max_wait) if max_wait > 0 else None
     proc, port, log = start_mitmdump(exe, addon, sets, confdir, workdir, pin)
     try:
         metrics = asyncio.run(measure(port, proc.pid, cfg))
@@ -743,8 +746,9 @@ def run_all(a: argparse.Namespace, cfg: Config, pin: bool) -> list[dict[str, Any
                 attempts = []
                 for k in range(1 + cfg.retries):
                     t0 = time.monotonic()
+                    max_wait = cfg.max_wait_quiet if t0 - started < cfg.budget_s else 0.0
                     res = run_side(a.mitmdump, addon.resolve(), sets, cfg, confdir, pin, tmp,
-                                   f"{side}{r}.{k}")
+                                   f"{side}{r}.{k}", max_wait)
                     attempts.append(res)
                     foreign = res["metrics"]["env"]["foreign_cores"]
                     print(f"repeat {r + 1}/{a.repeats} {side:7} done in {time.monotonic() - t0:.1f}s"
@@ -763,6 +767,8 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             print(f"no such script: {path}", file=sys.stderr)
             return 2
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop mitmdump by PID
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     pin = pinning()
     started = time.monotonic()
     try:
