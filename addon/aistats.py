@@ -255,7 +255,7 @@ class AIStats:
             parsed = st.observer.finish(complete=flow.error is None)
             if st.observer_failed:
                 parsed.parse_errors.append("internal error while reading the stream")
-            timing = st.observer.timing
+            timing = st.observer.timing()
             body = st.observer.body()
             if resp is not None and body is not None and resp.raw_content is None:
                 resp.raw_content = body  # so -w saves the streamed body; the client has it already

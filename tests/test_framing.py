@@ -26,7 +26,7 @@ def observe(api, ctype, enc, chunks):
     for i, c in enumerate(chunks):
         obs.feed(c, now=0.001 * (i + 1))
     parsed = obs.finish(complete=True)
-    return parsed, obs.timing.content_events
+    return parsed, obs.timing().content_events
 
 
 @pytest.mark.parametrize("name", list(STREAMS))
@@ -54,36 +54,36 @@ def test_random_multi_splits_and_single_bytes(name):
 def test_sse_separators_multiline_comments():
     f = SSEFramer()
     evs = f.feed(b": comment\n\nevent: x\ndata: a\ndata:b\n\ndata: c\r\rdata: d\r\n\r\nid: 1\nretry: 5\n\n")
-    assert [(e.name, e.data) for e in evs] == [("x", b"a\nb"), (None, b"c"), (None, b"d")]
+    assert [tuple(e) for e in evs] == [("x", b"a\nb"), (None, b"c"), (None, b"d")]
     assert f.pending() == b""
 
 
 def test_sse_crlf_split_between_cr_and_lf():
     f = SSEFramer()
     assert f.feed(b"data: 1\r\n\r") == []
-    assert [e.data for e in f.feed(b"\ndata: 2\r\n\r\n")] == [b"1", b"2"]
+    assert [e[1] for e in f.feed(b"\ndata: 2\r\n\r\n")] == [b"1", b"2"]
 
 
 def test_sse_final_event_without_blank_line_counts_at_close():
     f = SSEFramer()
     assert f.feed(b"data: [DONE]\n") == []
-    assert [e.data for e in f.close()] == [b"[DONE]"]
+    assert [e[1] for e in f.close()] == [b"[DONE]"]
 
 
 def test_oversized_event_dropped_whole_whatever_the_chunking():
     body = b"data: " + b"x" * 100 + b"\n\ndata: {\"a\":1}\n\n"
     one = SSEFramer(max_event=50)
-    got_one = [e.data for e in one.feed(body)]
+    got_one = [e[1] for e in one.feed(body)]
     many = SSEFramer(max_event=50)
-    got_many = [e.data for i in range(0, len(body), 9) for e in many.feed(body[i:i + 9])]
+    got_many = [e[1] for i in range(0, len(body), 9) for e in many.feed(body[i:i + 9])]
     assert got_one == got_many == [b'{"a":1}']
     assert one.oversized == many.oversized == 1
 
 
 def test_ndjson_framer():
     f = NDJSONFramer()
-    assert [e.data for e in f.feed(b'{"a":1}\n\n{"b"')] == [b'{"a":1}']
-    assert [e.data for e in f.feed(b':2}\r\n')] == [b'{"b":2}']
+    assert [e[1] for e in f.feed(b'{"a":1}\n\n{"b"')] == [b'{"a":1}']
+    assert [e[1] for e in f.feed(b':2}\r\n')] == [b'{"b":2}']
 
 
 def _aws_frame(event_type: str, payload: bytes) -> bytes:
@@ -110,7 +110,7 @@ def test_aws_event_stream_frames_and_converse_usage():
             obs.feed(body[i:i + step], 0.01)
         p = obs.finish(complete=True)
         assert (p.input_tokens, p.output_tokens, p.cached_tokens, p.finish_reason) == (8, 2, 3, "end_turn")
-        assert obs.timing.content_events == 1
+        assert obs.timing().content_events == 1
         assert p.parse_errors == []
 
 

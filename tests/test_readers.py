@@ -18,7 +18,7 @@ from fixtures import ANTHROPIC, GEMINI, OLLAMA, OPENAI_CHAT, RESPONSES, br, gzip
 def stream(api, body, ctype="text/event-stream", enc=None, complete=True):
     obs = StreamObserver(api, framer_for(ctype)(), enc, 0.0)
     obs.feed(body, 0.1)
-    return obs.finish(complete), obs.timing
+    return obs.finish(complete), obs.timing()
 
 
 def body(api, obj, enc=None):
@@ -177,3 +177,42 @@ def test_provider_decision():
     gem = match_api("POST", "/v1/models/g:generateContent")
     assert decide_provider(gem, "us-central1-aiplatform.googleapis.com", 443, set()) == "gcp.vertex_ai"
     assert decide_provider(gem, "127.0.0.1", 1, set()) == "gcp.gemini"
+
+
+def _all_streams():
+    """Every stream fixture we have: unit fixtures, the e2e builders, acceptance SSE cases."""
+    import upstream as u
+    from conftest import load_cases
+    yield "chat_completions", OPENAI_CHAT
+    yield "messages", ANTHROPIC
+    yield "responses", RESPONSES
+    yield "generate_content", GEMINI
+    yield "ollama_chat", OLLAMA
+    yield "chat_completions", b"".join(u.openai_chat_stream(["a", "", "b"], usage=u.openai_usage(3, 2)))
+    yield "responses", b"".join(u.openai_responses_stream(["x", "y"]))
+    yield "messages", b"".join(u.anthropic_messages_stream(["p", "q"]))
+    yield "generate_content", b"".join(u.gemini_sse(["m", "n"]))
+    yield "ollama_chat", b"".join(u.ollama_chat_ndjson(["k", "l"]))
+    # Reasoning, tool calls, a mid-stream usage chunk, vLLM metrics, a finish mid-stream.
+    yield "chat_completions", (
+        b'data: {"id":"c","model":"m","choices":[{"delta":{"role":"assistant"}}]}\n\n'
+        b'data: {"id":"c","choices":[{"delta":{"reasoning_content":"think"}}]}\n\n'
+        b'data: {"id":"c","choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{"}}]}}]}\n\n'
+        b'data: {"id":"c","choices":[{"delta":{"content":"x"},"finish_reason":"length"}],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
+        b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":6},"metrics":{"mean_itl_ms":10}}\n\n')
+    for case in load_cases("llama_swap_cases.json"):
+        if "event-stream" in case["response"]["headers"].get("Content-Type", ""):
+            from aistats_engine.providers import match_api
+            yield match_api("POST", case["request"]["path"]).api, case["response"]["body"].encode()
+
+
+def test_short_path_never_changes_a_result():
+    for api, body in _all_streams():
+        ctype = "application/x-ndjson" if api.startswith("ollama") else "text/event-stream"
+        results = []
+        for fast in (True, False):
+            obs = StreamObserver(api, framer_for(ctype)(), None, 0.0)
+            obs.reader.fast = fast
+            obs.feed(body, 0.1)
+            results.append((obs.finish(True), obs.timing().content_events))
+        assert results[0] == results[1], (api, body[:80])

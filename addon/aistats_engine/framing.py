@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
 
 
-@dataclass(slots=True)
-class Event:
-    """One framed event: the SSE ``event:`` name (or None) and its data payload."""
-
-    name: str | None
-    data: bytes
+# One framed event: the SSE ``event:`` name (or None) and its data payload. A plain tuple:
+# framing runs once per event on the proxy's hot path.
+Event = tuple[str | None, bytes]
 
 
 class SSEFramer:
@@ -46,7 +42,7 @@ class SSEFramer:
                 tail = b""
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + tail
         parts = buf.split(b"\n\n")
-        self._buf = _keep_rest(self, parts)
+        self._buf = _keep_rest(self, parts, len(buf))
         return [ev for block in parts if (ev := _parse_sse_block(block)) is not None]
 
     def pending(self) -> bytes:
@@ -63,7 +59,7 @@ class SSEFramer:
         return [ev] if ev is not None else []
 
 
-def _keep_rest(framer: SSEFramer | NDJSONFramer, parts: list[bytes]) -> bytes:
+def _keep_rest(framer: SSEFramer | NDJSONFramer, parts: list[bytes], size: int) -> bytes:
     """Pop the unterminated tail off ``parts`` and return what to keep of it.
 
     Events over ``max_event`` bytes are dropped whole, whether they arrive in one piece or in
@@ -75,6 +71,8 @@ def _keep_rest(framer: SSEFramer | NDJSONFramer, parts: list[bytes]) -> bytes:
         framer._skipping = False
     if framer._skipping:
         return b""
+    if size <= framer.max_event:  # the common case: nothing here can be oversized
+        return rest
     big = [p for p in parts if len(p) > framer.max_event]
     if big:
         framer.oversized += len(big)
@@ -88,7 +86,7 @@ def _keep_rest(framer: SSEFramer | NDJSONFramer, parts: list[bytes]) -> bytes:
 
 def _parse_sse_block(block: bytes) -> Event | None:
     if block.startswith(b"data: ") and b"\n" not in block:  # the common case, fast
-        return Event(None, block[6:])
+        return (None, block[6:])
     name: str | None = None
     data: list[bytes] = []
     for line in block.split(b"\n"):
@@ -103,7 +101,7 @@ def _parse_sse_block(block: bytes) -> Event | None:
             name = value.decode("utf-8", "replace")
     if not data and name is None:
         return None
-    return Event(name, b"\n".join(data))
+    return (name, b"\n".join(data))
 
 
 class NDJSONFramer:
@@ -120,15 +118,15 @@ class NDJSONFramer:
     def feed(self, data: bytes) -> list[Event]:
         buf = self._buf + data if self._buf else data
         lines = buf.split(b"\n")
-        self._buf = _keep_rest(self, lines)
-        return [Event(None, s) for line in lines if (s := line.strip())]
+        self._buf = _keep_rest(self, lines, len(buf))
+        return [(None, s) for line in lines if (s := line.strip())]
 
     def pending(self) -> bytes:
         return self._buf
 
     def close(self) -> list[Event]:
         rest, self._buf = self._buf.strip(), b""
-        return [Event(None, rest)] if rest else []
+        return [(None, rest)] if rest else []
 
 
 class AWSEventStreamFramer:
@@ -162,7 +160,7 @@ class AWSEventStreamFramer:
             del self._buf[:total]
             headers = _aws_headers(frame[12 : 12 + hlen])
             name = headers.get(":event-type") or headers.get(":exception-type")
-            out.append(Event(name, frame[12 + hlen : total - 4]))
+            out.append((name, frame[12 + hlen : total - 4]))
         return out
 
     def pending(self) -> bytes:

@@ -16,7 +16,7 @@ import orjson
 
 from . import errors
 from .decoding import DecodeError, Decoder, decode_body, decoder_for
-from .framing import Framer
+from .framing import AWSEventStreamFramer, Framer
 from .readers import ResponseReader
 from .usage import Resolved, resolve
 
@@ -99,37 +99,41 @@ class StreamObserver:
     ``max_chunk_times`` content offsets.
     """
 
-    __slots__ = ("reader", "timing", "_framer", "_decoder", "_t0", "_buf", "_max_body",
-                 "_max_times", "body_capped", "_errors", "_decoded_bytes")
+    __slots__ = ("reader", "_framer", "_decoder", "_t0", "_buf", "_max_body", "_max_times",
+                 "body_capped", "_errors", "_decoded_bytes", "_first", "_last", "_times",
+                 "_content_events")
 
     def __init__(self, api: str | None, framer: Framer, content_encoding: str | None,
                  t_start: float, max_body: int = DEFAULT_MAX_BODY,
                  max_chunk_times: int = DEFAULT_MAX_CHUNK_TIMES) -> None:
         self.reader = ResponseReader(api)
-        self.timing = StreamTiming()
-        self._framer = framer
+        self._framer: Framer | None = framer
         self._errors: list[str] = []
         self._decoder: Decoder | None = None
         try:
             self._decoder = decoder_for(content_encoding)
         except DecodeError as e:
             self._errors.append(f"response decompression failed: {e}")
-            self._framer = None  # type: ignore[assignment]
+            self._framer = None
         self._t0 = t_start
         self._buf: bytearray | None = bytearray()
         self._max_body = max_body
         self._max_times = max_chunk_times
         self.body_capped = False
         self._decoded_bytes = 0
+        # The chunk clock, as raw time.time() values; turned into ms offsets once, in timing().
+        self._first: float | None = None
+        self._last: float | None = None
+        self._times: list[float] = []
+        self._content_events = 0
 
     def feed(self, chunk: bytes, now: float) -> None:
         """One chunk as it arrived (raw, still encoded). Must be cheap: it runs per chunk."""
         if not chunk:
             return
-        offset = round((now - self._t0) * 1000, 3)
-        if self.timing.first_byte_ms is None:
-            self.timing.first_byte_ms = offset
-        self.timing.last_byte_ms = offset
+        if self._first is None:
+            self._first = now
+        self._last = now
         buf = self._buf
         if buf is not None:
             if len(buf) + len(chunk) > self._max_body:
@@ -137,7 +141,7 @@ class StreamObserver:
                 self.body_capped = True
             else:
                 buf += chunk
-        self._parse(chunk, offset)
+        self._parse(chunk, now)
 
     def feed_all(self, body: bytes) -> None:
         """A whole stored body at once (offline replay): same parse, no clock."""
@@ -145,7 +149,7 @@ class StreamObserver:
         if body:
             self._parse(body, None)
 
-    def _parse(self, chunk: bytes, offset: float | None) -> None:
+    def _parse(self, chunk: bytes, now: float | None) -> None:
         framer = self._framer
         if framer is None:
             return
@@ -154,20 +158,30 @@ class StreamObserver:
                 chunk = self._decoder.feed(chunk)
             except DecodeError as e:
                 self._errors.append(f"response decompression failed: {e}")
-                self._framer = None  # type: ignore[assignment]
+                self._framer = None
                 return
-        self._decoded_bytes += len(chunk)
-        if self._decoded_bytes > self._max_body * 8:  # decompression bomb guard
-            self._errors.append(f"decoded stream over {self._max_body * 8} bytes, rest not read")
-            self._framer = None  # type: ignore[assignment]
-            return
-        reader = self.reader
-        timing = self.timing
-        for ev in framer.feed(chunk):
-            if reader.on_event(ev.name, ev.data):
-                timing.content_events += 1
-                if offset is not None and len(timing.content_offsets_ms) < self._max_times:
-                    timing.content_offsets_ms.append(offset)
+            self._decoded_bytes += len(chunk)
+            if self._decoded_bytes > self._max_body * 8:  # decompression bomb guard
+                self._errors.append(f"decoded stream over {self._max_body * 8} bytes, "
+                                    "rest not read")
+                self._framer = None
+                return
+        on_event = self.reader.on_event
+        for name, data in framer.feed(chunk):
+            if on_event(name, data):
+                self._content_events += 1
+                if now is not None and len(self._times) < self._max_times:
+                    self._times.append(now)
+
+    def timing(self) -> StreamTiming:
+        """The chunk clock in ms from request start."""
+        t0 = self._t0
+        return StreamTiming(
+            first_byte_ms=round((self._first - t0) * 1000, 3) if self._first is not None else None,
+            last_byte_ms=round((self._last - t0) * 1000, 3) if self._last is not None else None,
+            content_events=self._content_events,
+            content_offsets_ms=[round((t - t0) * 1000, 3) for t in self._times],
+        )
 
     def body(self) -> bytes | None:
         """The raw body seen so far, or None when it went over the cap."""
@@ -179,14 +193,14 @@ class StreamObserver:
         framer = self._framer
         if framer is not None:
             if complete:
-                for ev in framer.close():
-                    if self.reader.on_event(ev.name, ev.data):
-                        self.timing.content_events += 1
+                for name, data in framer.close():
+                    if self.reader.on_event(name, data):
+                        self._content_events += 1
             elif framer.pending().strip():
                 problems.append("stream truncated")
             if framer.oversized:
                 problems.append(f"{framer.oversized} stream event(s) over {framer.max_event} bytes skipped")
-            if getattr(framer, "bad_frames", 0):
+            if isinstance(framer, AWSEventStreamFramer) and framer.bad_frames:
                 problems.append("invalid AWS event stream frame")
         if self.reader.invalid_events:
             problems.append(f"invalid JSON in {self.reader.invalid_events} of "

@@ -66,6 +66,14 @@ _RESPONSES_CONTENT = frozenset({
     "response.custom_tool_call_input.delta", "response.audio.delta",
     "response.audio.transcript.delta",
 })
+_CHAT_APIS = frozenset({"chat_completions", "completions", "infill"})
+# Keys that send a chat event down the full reading (usage, speeds, errors, other formats).
+_CHAT_RARE_KEYS = frozenset({
+    "timings", "metrics", "error", "type", "response", "message", "usageMetadata",
+    "prompt_eval_count", "eval_count", "eval_duration", "prompt_eval_duration",
+    "total_duration", "stop_reason", "done_reason", "stopReason", "content",
+})
+_ANTHROPIC_QUIET = frozenset({"ping", "content_block_start", "content_block_stop"})
 _RESPONSES_END = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
@@ -83,7 +91,8 @@ class ResponseReader:
     events: int = 0
     invalid_events: int = 0
     complete: bool = False  # saw the format's end-of-stream event
-
+    primed: bool = False  # one event went through the full reading (ids, model)
+    fast: bool = True  # let plain delta events take the short path (_quick)
 
     # -- streams ---------------------------------------------------------------------------
     def on_event(self, name: str | None, data: bytes) -> bool:
@@ -99,14 +108,52 @@ class ResponseReader:
         except orjson.JSONDecodeError:
             self.invalid_events += 1
             return False
-        if not isinstance(obj, dict):
+        if obj.__class__ is not dict:
             return False
+        if self.primed and self.fast:
+            verdict = self._quick(obj)
+            if verdict is not None:
+                return verdict
+        self.primed = True
         if name == "error" or obj.get("type") == "error" or (
                 isinstance(obj.get("error"), dict) and "choices" not in obj):
             self._stream_error(obj, "stream_error")
             return False
         self._common(obj)
         return self._content(name, obj)
+
+    def _quick(self, obj: dict) -> bool | None:
+        """The short path for the bulk of a stream: plain delta events that change nothing but
+        the content count. None when the event may carry anything else (then it is read in
+        full). tests/test_readers.py checks that it never changes a result."""
+        api = self.api
+        if api in _CHAT_APIS:
+            if obj.get("usage") or not _CHAT_RARE_KEYS.isdisjoint(obj):
+                return None
+            choices = obj.get("choices")
+            if choices.__class__ is not list:
+                return None
+            content = False
+            for c in choices:
+                if c.__class__ is not dict or c.get("finish_reason") is not None:
+                    return None
+                d = c.get("delta")
+                if d.__class__ is dict:
+                    if (d.get("content") or d.get("reasoning_content") or d.get("reasoning")
+                            or d.get("tool_calls") or d.get("function_call") or d.get("refusal")):
+                        content = True
+                elif c.get("text"):
+                    content = True
+            return content
+        if api == "messages":
+            t = obj.get("type")
+            if t == "content_block_delta":
+                return True
+            return False if t in _ANTHROPIC_QUIET else None
+        if api == "responses":
+            t = obj.get("type")
+            return bool(obj.get("delta")) if t in _RESPONSES_CONTENT else None
+        return None
 
     def _content(self, name: str | None, obj: dict) -> bool:
         api = self.api
