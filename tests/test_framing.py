@@ -120,3 +120,25 @@ def test_framer_for_content_types():
     assert framer_for("application/vnd.amazon.eventstream") is AWSEventStreamFramer
     assert framer_for("application/json") is None
     assert framer_for(None) is None
+
+
+@pytest.mark.parametrize("name", list(STREAMS))
+def test_whole_body_reading_times_events_like_chunk_by_chunk(name):
+    """The live path buffers chunks and reads them at the end (event positions → chunk
+    times); past the cap it reads chunk by chunk. Both must time every event alike."""
+    api, ctype, enc, body = STREAMS[name]
+    rng = random.Random(7)
+    for _ in range(30):
+        cuts = sorted(rng.sample(range(1, len(body)), k=min(12, len(body) - 1)))
+        chunks = [body[a:b] for a, b in zip([0] + cuts, cuts + [len(body)])]
+        results = []
+        # buffered whole reading / chunk by chunk from the start / switching part way
+        for max_body in (1 << 20, 1, len(body) // 3):
+            obs = StreamObserver(api, framer_for(ctype)(), enc, t_start=0.0, max_body=max_body)
+            for i, c in enumerate(chunks):
+                obs.feed(c, now=0.001 * (i + 1))
+            parsed = obs.finish(complete=True)
+            parsed.parse_errors = [e for e in parsed.parse_errors if "not saved" not in e]
+            results.append((parsed, obs.timing()))
+        for other in results[1:]:
+            assert other == results[0]

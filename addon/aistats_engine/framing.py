@@ -45,6 +45,16 @@ class SSEFramer:
         self._buf = _keep_rest(self, parts, len(buf))
         return [ev for block in parts if (ev := _parse_sse_block(block)) is not None]
 
+    def feed_positions(self, data: bytes) -> list[tuple[str | None, bytes, int]] | None:
+        """``feed`` for a fresh framer given a whole body, with each event's position: the
+        offset of the byte that completed it (the second newline), i.e. the byte whose
+        arrival made ``feed`` emit it. None when positions would not map back to the raw
+        bytes (carriage returns are normalised) — then feed the chunks one by one."""
+        if self._buf or self._skipping or b"\r" in data:
+            return None
+        return [(ev[0], ev[1], end) for block, end in _blocks(self, data, b"\n\n")
+                if (ev := _parse_sse_block(block)) is not None]
+
     def pending(self) -> bytes:
         """Bytes of an unterminated event (a stream that ended mid-event)."""
         return self._buf
@@ -84,6 +94,27 @@ def _keep_rest(framer: SSEFramer | NDJSONFramer, parts: list[bytes], size: int) 
     return rest
 
 
+def _blocks(framer: SSEFramer | NDJSONFramer, data: bytes,
+            sep: bytes) -> list[tuple[bytes, int]]:
+    """Split a whole body like ``feed`` + ``_keep_rest`` do, keeping where each block ended."""
+    out: list[tuple[bytes, int]] = []
+    start = 0
+    find = data.find
+    while (i := find(sep, start)) >= 0:
+        if i - start > framer.max_event:
+            framer.oversized += 1
+        else:
+            out.append((data[start:i], i + len(sep) - 1))
+        start = i + len(sep)
+    rest = data[start:]
+    if len(rest) > framer.max_event:
+        framer.oversized += 1
+        framer._skipping = True
+        rest = b""
+    framer._buf = rest
+    return out
+
+
 def _parse_sse_block(block: bytes) -> Event | None:
     if block.startswith(b"data: ") and b"\n" not in block:  # the common case, fast
         return (None, block[6:])
@@ -120,6 +151,13 @@ class NDJSONFramer:
         lines = buf.split(b"\n")
         self._buf = _keep_rest(self, lines, len(buf))
         return [(None, s) for line in lines if (s := line.strip())]
+
+    def feed_positions(self, data: bytes) -> list[tuple[str | None, bytes, int]] | None:
+        """Like SSEFramer.feed_positions: events of a whole body with the offset of their
+        newline."""
+        if self._buf or self._skipping:
+            return None
+        return [(None, s, end) for line, end in _blocks(self, data, b"\n") if (s := line.strip())]
 
     def pending(self) -> bytes:
         return self._buf

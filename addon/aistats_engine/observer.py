@@ -9,6 +9,8 @@ reads back from the flow's metadata.
 from __future__ import annotations
 
 import dataclasses
+from bisect import bisect_right
+from itertools import accumulate
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,13 +18,14 @@ import orjson
 
 from . import errors
 from .decoding import DecodeError, Decoder, decode_body, decoder_for
-from .framing import AWSEventStreamFramer, Framer
+from .framing import AWSEventStreamFramer, Framer, NDJSONFramer, SSEFramer
 from .readers import ResponseReader
 from .usage import Resolved, resolve
 
 DEFAULT_MAX_BODY = 16 << 20
 DEFAULT_MAX_CHUNK_TIMES = 10_000
 DEFAULT_MAX_EVENT = 4 << 20
+MIN_DECODED_LIMIT = 128 << 20  # a stream may decode to 8 × max_body, and at least this
 
 
 @dataclass(slots=True)
@@ -92,16 +95,21 @@ class StreamTiming:
 
 
 class StreamObserver:
-    """Feeds a streamed body through decoder → framer → reader as chunks arrive.
+    """Reads a streamed body: decoder → framer → reader, with the proxy's chunk clock.
+
+    While the body fits in ``max_body`` the live path only keeps the chunk and its arrival
+    time (a few hundred nanoseconds per chunk, so no chunk waits for us) and the whole body is
+    read once at the end, each event timed by the chunk that completed it. A body that outgrows
+    the cap is read chunk by chunk from then on. Both give the same result.
 
     Memory per flow: the raw body copy (kept so ``-w`` flow files are complete) up to
-    ``max_body`` bytes, one partial event (bounded by the framer), and up to
-    ``max_chunk_times`` content offsets.
+    ``max_body`` bytes plus two numbers per chunk, one partial event (bounded by the framer),
+    and up to ``max_chunk_times`` content timestamps.
     """
 
-    __slots__ = ("reader", "_framer", "_decoder", "_t0", "_buf", "_max_body", "_max_times",
-                 "body_capped", "_errors", "_decoded_bytes", "_first", "_last", "_times",
-                 "_content_events")
+    __slots__ = ("reader", "_framer", "_decoder", "_t0", "_buf", "_chunk_times", "_chunk_ends",
+                 "_max_body", "_max_times", "body_capped", "_errors", "_decoded_bytes",
+                 "_first", "_last", "_times", "_content_events")
 
     def __init__(self, api: str | None, framer: Framer, content_encoding: str | None,
                  t_start: float, max_body: int = DEFAULT_MAX_BODY,
@@ -117,6 +125,8 @@ class StreamObserver:
             self._framer = None
         self._t0 = t_start
         self._buf: bytearray | None = bytearray()
+        self._chunk_times: list[float] = []  # arrival time of each buffered chunk
+        self._chunk_ends: list[int] = []  # offset in _buf where each buffered chunk ends
         self._max_body = max_body
         self._max_times = max_chunk_times
         self.body_capped = False
@@ -128,46 +138,120 @@ class StreamObserver:
         self._content_events = 0
 
     def feed(self, chunk: bytes, now: float) -> None:
-        """One chunk as it arrived (raw, still encoded). Must be cheap: it runs per chunk."""
+        """One chunk as it arrived (raw, still encoded). Runs per chunk: keep it minimal."""
         if not chunk:
             return
         if self._first is None:
             self._first = now
         self._last = now
         buf = self._buf
-        if buf is not None:
-            if len(buf) + len(chunk) > self._max_body:
-                self._buf = None
-                self.body_capped = True
-            else:
-                buf += chunk
-        self._parse(chunk, now)
+        if buf is None:
+            self._parse(chunk, now)
+        elif len(buf) + len(chunk) <= self._max_body:
+            buf += chunk
+            self._chunk_times.append(now)
+            self._chunk_ends.append(len(buf))
+        else:  # over the cap: read what we have, drop the copy, go on chunk by chunk
+            self._read_buffered(per_chunk=True)
+            self.body_capped = True
+            self._parse(chunk, now)
 
     def feed_all(self, body: bytes) -> None:
-        """A whole stored body at once (offline replay): same parse, no clock."""
+        """A whole stored body at once (offline replay): same reading, no clock."""
         self._buf = None
         if body:
             self._parse(body, None)
 
+    def _read_buffered(self, per_chunk: bool = False) -> None:
+        """Read the buffered chunks and free the chunk list. ``per_chunk`` (the cap was hit):
+        also drop the body copy and leave the reader ready for chunk-by-chunk reading."""
+        buf, times, ends = self._buf, self._chunk_times, self._chunk_ends
+        self._chunk_times, self._chunk_ends = [], []
+        if per_chunk:
+            self._buf = None
+        if buf is None or not times or self._framer is None:
+            return
+        if per_chunk:
+            start = 0
+            for now, end in zip(times, ends):
+                self._parse(bytes(buf[start:end]), now)
+                start = end
+        else:
+            self._read_whole(bytes(buf), times, ends)
+
+    def _read_whole(self, body: bytes, times: list[float], ends: list[int]) -> None:
+        """Decode chunk by chunk (keeping where each chunk ends in the decoded text), then
+        frame the whole text in one pass, each event timed by the chunk holding the byte that
+        completed it. Where positions are not available (carriage returns, AWS frames), the
+        decoded chunks are framed one by one instead: the same result, a little slower."""
+        starts = [0, *ends[:-1]]
+        parts: list[bytes] | None = None
+        text = body
+        if self._decoder is not None:
+            parts = []
+            for start, end in zip(starts, ends):
+                part = self._decode(body[start:end])
+                if part is None:
+                    break
+                parts.append(part)
+            ends = list(accumulate(len(p) for p in parts))
+            times = times[:len(parts)]
+            text = b"".join(parts)
+        framer = self._framer
+        events = None
+        if isinstance(framer, (SSEFramer, NDJSONFramer)):
+            events = framer.feed_positions(text)
+        if events is None:
+            if parts is None:
+                parts = [body[start:end] for start, end in zip(starts, ends)]
+            for part, now in zip(parts, times):
+                self._frame(part, now)
+        else:
+            on_event = self.reader.on_event
+            last = len(ends) - 1
+            for name, data, pos in events:
+                if on_event(name, data):
+                    self._content_events += 1
+                    if len(self._times) < self._max_times:
+                        self._times.append(times[min(bisect_right(ends, pos), last)])
+        if self._decoder is None and parts is not None and len(parts) < len(starts):
+            self._framer = None  # decoding failed: nothing after it can be read
+
+    def _decode(self, chunk: bytes) -> bytes | None:
+        """Decoded bytes, or None after a failure (recorded; reading stops there)."""
+        assert self._decoder is not None
+        try:
+            out = self._decoder.feed(chunk)
+        except DecodeError as e:
+            self._errors.append(f"response decompression failed: {e}")
+            self._decoder = None
+            return None
+        self._decoded_bytes += len(out)
+        limit = max(self._max_body * 8, MIN_DECODED_LIMIT)  # decompression bomb guard
+        if self._decoded_bytes > limit:
+            self._errors.append(f"decoded stream over {limit} bytes, rest not read")
+            self._decoder = None
+            return None
+        return out
+
     def _parse(self, chunk: bytes, now: float | None) -> None:
+        """Decode and frame one chunk."""
+        if self._framer is None:
+            return
+        if self._decoder is not None:
+            decoded = self._decode(chunk)
+            if decoded is None:
+                self._framer = None
+                return
+            chunk = decoded
+        self._frame(chunk, now)
+
+    def _frame(self, text: bytes, now: float | None) -> None:
         framer = self._framer
         if framer is None:
             return
-        if self._decoder is not None:
-            try:
-                chunk = self._decoder.feed(chunk)
-            except DecodeError as e:
-                self._errors.append(f"response decompression failed: {e}")
-                self._framer = None
-                return
-            self._decoded_bytes += len(chunk)
-            if self._decoded_bytes > self._max_body * 8:  # decompression bomb guard
-                self._errors.append(f"decoded stream over {self._max_body * 8} bytes, "
-                                    "rest not read")
-                self._framer = None
-                return
         on_event = self.reader.on_event
-        for name, data in framer.feed(chunk):
+        for name, data in framer.feed(text):
             if on_event(name, data):
                 self._content_events += 1
                 if now is not None and len(self._times) < self._max_times:
@@ -189,6 +273,7 @@ class StreamObserver:
 
     def finish(self, complete: bool) -> Parsed:
         """End of stream. ``complete`` is False when the stream was cut (abort, disconnect)."""
+        self._read_buffered()
         problems = list(self._errors)
         framer = self._framer
         if framer is not None:
