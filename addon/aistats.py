@@ -10,6 +10,7 @@ flow and swallowed.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import sys
@@ -210,16 +211,33 @@ class AIStats:
                               max_body=cfg.max_body, max_chunk_times=cfg.max_chunk_times)
 
     def _stream_fn(self, flow_id: str, st: _FlowState) -> Callable[[bytes], bytes]:
+        """The ``flow.response.stream`` callable: returns every chunk as it came. Reading
+        happens in ``drain``, scheduled to run after the chunk has been forwarded."""
         observer = st.observer
         assert observer is not None
         now = time.time
         clock = time.perf_counter
+        try:
+            call_soon: Callable[[Callable[[], None]], object] = asyncio.get_running_loop().call_soon
+        except RuntimeError:  # no event loop (driven directly, as in unit tests): drain at once
+            call_soon = _call_now
+
+        def drain() -> None:
+            t0 = clock()
+            try:
+                if not st.observer_failed:
+                    observer.drain()
+            except Exception as e:
+                st.observer_failed = True
+                self._report(flow_id, "stream", e)
+            self._overhead += clock() - t0
 
         def observe(chunk: bytes) -> bytes:
             if chunk and not st.observer_failed:
                 t0 = clock()
                 try:
-                    observer.feed(chunk, now())
+                    if observer.feed(chunk, now()):
+                        call_soon(drain)
                 except Exception as e:  # never drop or delay a chunk for our failure
                     st.observer_failed = True
                     self._report(flow_id, "stream", e)
@@ -332,6 +350,10 @@ class _Guard:
             self._addon._report(self._flow_id, self._hook, exc)
             return True
         return False
+
+
+def _call_now(fn: Callable[[], None]) -> None:
+    fn()
 
 
 def _read_request(flow: http.HTTPFlow) -> RequestInfo:

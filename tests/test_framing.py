@@ -122,10 +122,13 @@ def test_framer_for_content_types():
     assert framer_for(None) is None
 
 
+@pytest.mark.parametrize("drain_bytes", [8 << 10, 64, 1])
 @pytest.mark.parametrize("name", list(STREAMS))
-def test_whole_body_reading_times_events_like_chunk_by_chunk(name):
-    """The live path buffers chunks and reads them at the end (event positions → chunk
-    times); past the cap it reads chunk by chunk. Both must time every event alike."""
+def test_batched_reading_times_events_like_chunk_by_chunk(name, drain_bytes, monkeypatch):
+    """The live path keeps chunks and reads them in batches (event positions → chunk times);
+    past the cap it reads chunk by chunk. All must time every event alike."""
+    from aistats_engine import observer
+    monkeypatch.setattr(observer, "DRAIN_BYTES", drain_bytes)
     api, ctype, enc, body = STREAMS[name]
     rng = random.Random(7)
     for _ in range(30):
@@ -136,7 +139,8 @@ def test_whole_body_reading_times_events_like_chunk_by_chunk(name):
         for max_body in (1 << 20, 1, len(body) // 3):
             obs = StreamObserver(api, framer_for(ctype)(), enc, t_start=0.0, max_body=max_body)
             for i, c in enumerate(chunks):
-                obs.feed(c, now=0.001 * (i + 1))
+                if obs.feed(c, now=0.001 * (i + 1)):
+                    obs.drain()
             parsed = obs.finish(complete=True)
             parsed.parse_errors = [e for e in parsed.parse_errors if "not saved" not in e]
             results.append((parsed, obs.timing()))

@@ -539,3 +539,33 @@ def test_server_stop_is_fast_and_releases_the_port() -> None:
     finally:
         again.stop()
     server.stop()  # idempotent
+
+
+def test_bulk_chunk_observation_matches_one_by_one() -> None:
+    """Per-chunk gaps are bucketed in bulk; the histogram must equal one observe() per gap,
+    boundary values included."""
+    import random
+
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from aistats_engine.metrics import DURATION_BUCKETS, Metrics
+
+    rng = random.Random(3)
+    gaps_ms = [b * 1000 for b in DURATION_BUCKETS] + [rng.uniform(0, 200_000) for _ in range(500)] + [0.0]
+    offsets = [0.0]
+    for g in gaps_ms:
+        offsets.append(offsets[-1] + g)
+    reg = CollectorRegistry()
+    bulk = Histogram("bulk", "", buckets=DURATION_BUCKETS, registry=reg)
+    single = Histogram("single", "", buckets=DURATION_BUCKETS, registry=reg)
+    Metrics._observe_chunks(bulk, offsets, None)
+    for a, b in zip(offsets, offsets[1:]):
+        single.observe(max(b - a, 0.0) / 1000.0)
+    def samples(name):
+        return {(s.name.replace(name, ""), tuple(sorted(s.labels.items()))): s.value
+                for m in reg.collect() if m.name == name for s in m.samples
+                if not s.name.endswith("_created")}
+    got, want = samples("bulk"), samples("single")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert abs(got[k] - want[k]) < 1e-6 * max(1.0, abs(want[k])), k

@@ -46,13 +46,15 @@ class SSEFramer:
         return [ev for block in parts if (ev := _parse_sse_block(block)) is not None]
 
     def feed_positions(self, data: bytes) -> list[tuple[str | None, bytes, int]] | None:
-        """``feed`` for a fresh framer given a whole body, with each event's position: the
-        offset of the byte that completed it (the second newline), i.e. the byte whose
-        arrival made ``feed`` emit it. None when positions would not map back to the raw
-        bytes (carriage returns are normalised) — then feed the chunks one by one."""
-        if self._buf or self._skipping or b"\r" in data:
+        """``feed`` with each event's position in ``data``: the offset of the byte that
+        completed it (the second newline), i.e. the byte whose arrival made ``feed`` emit it.
+        None, with nothing consumed, when positions would not map back to the raw bytes
+        (carriage returns are normalised) — then feed the chunks one by one."""
+        if self._skipping or b"\r" in data or b"\r" in self._buf:
             return None
-        return [(ev[0], ev[1], end) for block, end in _blocks(self, data, b"\n\n")
+        shift = len(self._buf)
+        return [(ev[0], ev[1], end - shift)
+                for block, end in _blocks(self, self._buf + data, b"\n\n")
                 if (ev := _parse_sse_block(block)) is not None]
 
     def pending(self) -> bytes:
@@ -96,7 +98,7 @@ def _keep_rest(framer: SSEFramer | NDJSONFramer, parts: list[bytes], size: int) 
 
 def _blocks(framer: SSEFramer | NDJSONFramer, data: bytes,
             sep: bytes) -> list[tuple[bytes, int]]:
-    """Split a whole body like ``feed`` + ``_keep_rest`` do, keeping where each block ended."""
+    """Split like ``feed`` + ``_keep_rest`` do, keeping where each block ended."""
     out: list[tuple[bytes, int]] = []
     start = 0
     find = data.find
@@ -155,9 +157,11 @@ class NDJSONFramer:
     def feed_positions(self, data: bytes) -> list[tuple[str | None, bytes, int]] | None:
         """Like SSEFramer.feed_positions: events of a whole body with the offset of their
         newline."""
-        if self._buf or self._skipping:
+        if self._skipping:
             return None
-        return [(None, s, end) for line, end in _blocks(self, data, b"\n") if (s := line.strip())]
+        shift = len(self._buf)
+        return [(None, s, end - shift) for line, end in _blocks(self, self._buf + data, b"\n")
+                if (s := line.strip())]
 
     def pending(self) -> bytes:
         return self._buf

@@ -48,6 +48,7 @@ All label values pass through :class:`~aistats_engine.cardinality.LabelGuard`.
 from __future__ import annotations
 
 import itertools
+from bisect import bisect_left
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -396,11 +397,27 @@ class Metrics:
     @staticmethod
     def _observe_chunks(child: Any, offsets: Sequence[float], exemplar: dict[str, str] | None) -> None:
         """One observation per chunk after the first; the exemplar goes on the largest gap,
-        the one worth clicking through to."""
+        the one worth clicking through to. The gaps are counted into buckets here and added
+        per bucket (a long stream has thousands of chunks: one locked ``observe`` each would
+        cost more than reading them)."""
         gaps = [max(b - a, 0.0) / 1000.0 for a, b in itertools.pairwise(offsets)]
         worst = max(range(len(gaps)), key=gaps.__getitem__)
-        for i, gap in enumerate(gaps):
-            child.observe(gap, exemplar if i == worst else None)
+        child.observe(gaps[worst], exemplar)
+        del gaps[worst]
+        bounds = getattr(child, "_upper_bounds", None)
+        buckets = getattr(child, "_buckets", None)
+        total = getattr(child, "_sum", None)
+        if bounds is None or buckets is None or total is None:  # not the client we know
+            for gap in gaps:
+                child.observe(gap)
+            return
+        counts = [0] * len(bounds)
+        for gap in gaps:
+            counts[bisect_left(bounds, gap)] += 1  # the first bound >= gap, as observe() does
+        for i, n in enumerate(counts):
+            if n:
+                buckets[i].inc(n)
+        total.inc(sum(gaps))
 
     def _observe_higress(self, record: Record, failed: bool, server: str, host: str) -> None:
         g = self.guard

@@ -25,6 +25,7 @@ from .usage import Resolved, resolve
 DEFAULT_MAX_BODY = 16 << 20
 DEFAULT_MAX_CHUNK_TIMES = 10_000
 DEFAULT_MAX_EVENT = 4 << 20
+DRAIN_BYTES = 8 << 10  # kept bytes that make a batch worth reading before the stream ends
 MIN_DECODED_LIMIT = 128 << 20  # a stream may decode to 8 × max_body, and at least this
 
 
@@ -97,19 +98,21 @@ class StreamTiming:
 class StreamObserver:
     """Reads a streamed body: decoder → framer → reader, with the proxy's chunk clock.
 
-    While the body fits in ``max_body`` the live path only keeps the chunk and its arrival
-    time (a few hundred nanoseconds per chunk, so no chunk waits for us) and the whole body is
-    read once at the end, each event timed by the chunk that completed it. A body that outgrows
-    the cap is read chunk by chunk from then on. Both give the same result.
+    The live path (``feed``) only keeps the chunk and its arrival time — a few hundred
+    nanoseconds, so no chunk waits for us. The kept chunks are read in batches (``drain``),
+    which the caller runs after the chunk has been forwarded once ``feed`` says a batch is
+    due, and at the end; each event is timed by the chunk that completed it. A body that
+    outgrows ``max_body`` is no longer kept and is read chunk by chunk. All give the same
+    result (tests/test_framing.py).
 
     Memory per flow: the raw body copy (kept so ``-w`` flow files are complete) up to
-    ``max_body`` bytes plus two numbers per chunk, one partial event (bounded by the framer),
-    and up to ``max_chunk_times`` content timestamps.
+    ``max_body`` bytes plus two numbers per unread chunk, one partial event (bounded by the
+    framer), and up to ``max_chunk_times`` content timestamps.
     """
 
-    __slots__ = ("reader", "_framer", "_decoder", "_t0", "_buf", "_chunk_times", "_chunk_ends",
-                 "_max_body", "_max_times", "body_capped", "_errors", "_decoded_bytes",
-                 "_first", "_last", "_times", "_content_events")
+    __slots__ = ("reader", "_framer", "_decoder", "_t0", "_buf", "_read_upto", "_chunk_times",
+                 "_chunk_ends", "_drain_due", "_max_body", "_max_times", "body_capped",
+                 "_errors", "_decoded_bytes", "_first", "_last", "_times", "_content_events")
 
     def __init__(self, api: str | None, framer: Framer, content_encoding: str | None,
                  t_start: float, max_body: int = DEFAULT_MAX_BODY,
@@ -125,8 +128,10 @@ class StreamObserver:
             self._framer = None
         self._t0 = t_start
         self._buf: bytearray | None = bytearray()
-        self._chunk_times: list[float] = []  # arrival time of each buffered chunk
-        self._chunk_ends: list[int] = []  # offset in _buf where each buffered chunk ends
+        self._read_upto = 0  # _buf[:_read_upto] has been read
+        self._chunk_times: list[float] = []  # arrival time of each unread chunk
+        self._chunk_ends: list[int] = []  # offset in _buf where each unread chunk ends
+        self._drain_due = False
         self._max_body = max_body
         self._max_times = max_chunk_times
         self.body_capped = False
@@ -137,24 +142,31 @@ class StreamObserver:
         self._times: list[float] = []
         self._content_events = 0
 
-    def feed(self, chunk: bytes, now: float) -> None:
-        """One chunk as it arrived (raw, still encoded). Runs per chunk: keep it minimal."""
+    def feed(self, chunk: bytes, now: float) -> bool:
+        """One chunk as it arrived (raw, still encoded). Runs per chunk: keep it minimal.
+        True when a batch is due: call ``drain`` soon (once the chunk is on its way)."""
         if not chunk:
-            return
+            return False
         if self._first is None:
             self._first = now
         self._last = now
         buf = self._buf
         if buf is None:
             self._parse(chunk, now)
-        elif len(buf) + len(chunk) <= self._max_body:
-            buf += chunk
-            self._chunk_times.append(now)
-            self._chunk_ends.append(len(buf))
-        else:  # over the cap: read what we have, drop the copy, go on chunk by chunk
-            self._read_buffered(per_chunk=True)
+            return False
+        if len(buf) + len(chunk) > self._max_body:  # over the cap: no copy, chunk by chunk
+            self.drain()
+            self._buf = None
             self.body_capped = True
             self._parse(chunk, now)
+            return False
+        buf += chunk
+        self._chunk_times.append(now)
+        self._chunk_ends.append(len(buf))
+        if not self._drain_due and len(buf) - self._read_upto >= DRAIN_BYTES:
+            self._drain_due = True
+            return True
+        return False
 
     def feed_all(self, body: bytes) -> None:
         """A whole stored body at once (offline replay): same reading, no clock."""
@@ -162,26 +174,21 @@ class StreamObserver:
         if body:
             self._parse(body, None)
 
-    def _read_buffered(self, per_chunk: bool = False) -> None:
-        """Read the buffered chunks and free the chunk list. ``per_chunk`` (the cap was hit):
-        also drop the body copy and leave the reader ready for chunk-by-chunk reading."""
-        buf, times, ends = self._buf, self._chunk_times, self._chunk_ends
-        self._chunk_times, self._chunk_ends = [], []
-        if per_chunk:
-            self._buf = None
-        if buf is None or not times or self._framer is None:
+    def drain(self) -> None:
+        """Read the chunks kept since the last drain."""
+        self._drain_due = False
+        times, ends = self._chunk_times, self._chunk_ends
+        if not times or self._buf is None:
             return
-        if per_chunk:
-            start = 0
-            for now, end in zip(times, ends):
-                self._parse(bytes(buf[start:end]), now)
-                start = end
-        else:
-            self._read_whole(bytes(buf), times, ends)
+        self._chunk_times, self._chunk_ends = [], []
+        start = self._read_upto
+        self._read_upto = ends[-1]
+        if self._framer is not None:
+            self._read_whole(bytes(self._buf[start:ends[-1]]), times, [e - start for e in ends])
 
     def _read_whole(self, body: bytes, times: list[float], ends: list[int]) -> None:
         """Decode chunk by chunk (keeping where each chunk ends in the decoded text), then
-        frame the whole text in one pass, each event timed by the chunk holding the byte that
+        frame the batch in one pass, each event timed by the chunk holding the byte that
         completed it. Where positions are not available (carriage returns, AWS frames), the
         decoded chunks are framed one by one instead: the same result, a little slower."""
         starts = [0, *ends[:-1]]
@@ -273,7 +280,7 @@ class StreamObserver:
 
     def finish(self, complete: bool) -> Parsed:
         """End of stream. ``complete`` is False when the stream was cut (abort, disconnect)."""
-        self._read_buffered()
+        self.drain()
         problems = list(self._errors)
         framer = self._framer
         if framer is not None:
