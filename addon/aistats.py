@@ -75,6 +75,7 @@ class AIStats:
         self._reported: set[str] = set()
         self._overhead = 0.0  # seconds spent in our hooks, flushed to the metric per record
         self.records_written = 0
+        self._print = False
 
     # -- options ---------------------------------------------------------------------------
     def load(self, loader: Any) -> None:
@@ -82,10 +83,15 @@ class AIStats:
             loader.add_option(spec.name, spec.type, spec.default, spec.help)
 
     def configure(self, updated: set[str]) -> None:
-        if self.settings is not None and not any(n.startswith("aistats_") for n in updated):
+        if self.settings is not None and not any(
+                n.startswith("aistats_") or n == "termlog_verbosity" for n in updated):
             return
         from mitmproxy import ctx
 
+        # Every log line costs a hook dispatch over all addons in mitmproxy (legacy add_log
+        # events), so the summary is only made when the terminal shows INFO lines.
+        self._print = (ctx.options.aistats_print
+                       and getattr(ctx.options, "termlog_verbosity", "info") in ("info", "debug"))
         try:
             new = settings.parse({spec.name: getattr(ctx.options, spec.name)
                                   for spec in settings.OPTIONS})
@@ -315,7 +321,7 @@ class AIStats:
             self.metrics.observe(rec)
             self.metrics.add_overhead(self._overhead)
             self._overhead = 0.0
-        if self.settings is not None and self.settings.print_summary:
+        if self._print:
             log.info("aistats: %s", _summary(rec))
 
     # -- failure containment ---------------------------------------------------------------
