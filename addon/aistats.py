@@ -29,7 +29,8 @@ from aistats_engine import framing, settings  # noqa: E402
 from aistats_engine.logsink import JsonlSink  # noqa: E402
 from aistats_engine.metrics import Metrics, MetricsConfig  # noqa: E402
 from aistats_engine.metrics_server import MetricsServer  # noqa: E402
-from aistats_engine.observer import Parsed, StreamObserver, StreamTiming, parse_body  # noqa: E402
+from aistats_engine.observer import (  # noqa: E402
+    DRAIN_LIMIT, Parsed, StreamObserver, StreamTiming, parse_body)
 from aistats_engine.providers import ApiMatch, match_api  # noqa: E402
 from aistats_engine.readers import RequestInfo, read_request  # noqa: E402
 from aistats_engine.record import Record  # noqa: E402
@@ -231,8 +232,8 @@ class AIStats:
         def drain() -> None:
             t0 = clock()
             try:
-                if not st.observer_failed:
-                    observer.drain()
+                if not st.observer_failed and observer.drain(DRAIN_LIMIT):
+                    call_soon(drain)  # more kept: let other connections go first
             except Exception as e:
                 st.observer_failed = True
                 self._report(flow_id, "stream", e)

@@ -138,9 +138,11 @@ def test_batched_reading_times_events_like_chunk_by_chunk(name, drain_bytes, mon
         # buffered whole reading / chunk by chunk from the start / switching part way
         for max_body in (1 << 20, 1, len(body) // 3):
             obs = StreamObserver(api, framer_for(ctype)(), enc, t_start=0.0, max_body=max_body)
+            scheduled = False  # as the addon does: one drain per loop turn, rescheduled if more
             for i, c in enumerate(chunks):
-                if obs.feed(c, now=0.001 * (i + 1)):
-                    obs.drain()
+                scheduled |= obs.feed(c, now=0.001 * (i + 1))
+                if scheduled:
+                    scheduled = obs.drain(limit=drain_bytes * 2)
             parsed = obs.finish(complete=True)
             parsed.parse_errors = [e for e in parsed.parse_errors if "not saved" not in e]
             results.append((parsed, obs.timing()))

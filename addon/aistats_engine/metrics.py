@@ -301,6 +301,7 @@ class Metrics:
             ["kind"],
             registry=reg,
         )
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._in_flight = Gauge(
             "aistats_requests_in_flight",
             "LLM requests started and not yet finished.",
@@ -329,6 +330,15 @@ class Metrics:
 
     # -- one record ---------------------------------------------------------------------------
 
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        """``metric.labels(*labels)``, cached: label values are already bounded by the guard,
+        and ``labels()`` validates on every call."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe(self, record: Record) -> None:
         """Map one finished record to every observation it implies."""
         g = self.guard
@@ -348,34 +358,35 @@ class Metrics:
         # OTel client metrics
         for token_type, count in (("input", record.input_tokens), ("output", record.output_tokens)):
             if count is not None:
-                self._token_usage.labels(*base, token_type, *consumer).observe(count, exemplar)
+                child = self._child(self._token_usage, (*base, token_type, *consumer))
+                child.observe(count, exemplar)
         duration_s = record.duration_ms / 1000.0 if record.duration_ms is not None else None
         ttft_s = record.ttft_ms / 1000.0 if record.stream and record.ttft_ms is not None else None
         if duration_s is not None:
-            self._duration.labels(*timing).observe(duration_s, exemplar)
+            self._child(self._duration, timing).observe(duration_s, exemplar)
         if ttft_s is not None:
-            self._ttfc.labels(*timing).observe(ttft_s, exemplar)
+            self._child(self._ttfc, timing).observe(ttft_s, exemplar)
         offsets = record.content_offsets_ms
         if record.stream and len(offsets) > 1:
-            self._observe_chunks(self._tpoc.labels(*timing), offsets, exemplar)
+            self._observe_chunks(self._child(self._tpoc, timing), offsets, exemplar)
 
         if self._server is not None:
             server_duration, server_ttft, server_tpot = self._server
             if duration_s is not None:
-                server_duration.labels(*timing).observe(duration_s, exemplar)
+                self._child(server_duration, timing).observe(duration_s, exemplar)
             if ttft_s is not None and not failed:
-                server_ttft.labels(*timing).observe(ttft_s, exemplar)
+                self._child(server_ttft, timing).observe(ttft_s, exemplar)
                 out = record.output_tokens
                 if duration_s is not None and out is not None and out > 1:
                     tpot = max(duration_s - ttft_s, 0.0) / (out - 1)
-                    server_tpot.labels(*timing).observe(tpot, exemplar)
+                    self._child(server_tpot, timing).observe(tpot, exemplar)
 
         if self._higress is not None:
             self._observe_higress(record, failed, server, address)
 
         # own counters
         own = (provider, request_model) + consumer
-        self._requests.labels(*own, _status_class(record.status)).inc(1, exemplar)
+        self._child(self._requests, (*own, _status_class(record.status))).inc(1, exemplar)
         for token_type, count in zip(
             TOKEN_TYPES,
             (
@@ -387,10 +398,10 @@ class Metrics:
             ),
         ):
             if count is not None:
-                self._tokens.labels(*own, token_type).inc(count)
+                self._child(self._tokens, (*own, token_type)).inc(count)
         if record.cost_usd is not None and record.cost_usd >= 0:
-            self._cost.labels(*own).inc(record.cost_usd)
-        self._records.labels(record.usage_source or "missing").inc()
+            self._child(self._cost, own).inc(record.cost_usd)
+        self._child(self._records, (record.usage_source or "missing",)).inc()
         if record.parse_error:
             self.parse_error(_parse_error_kind(record.parse_error))
 
@@ -400,24 +411,27 @@ class Metrics:
         the one worth clicking through to. The gaps are counted into buckets here and added
         per bucket (a long stream has thousands of chunks: one locked ``observe`` each would
         cost more than reading them)."""
-        gaps = [max(b - a, 0.0) / 1000.0 for a, b in itertools.pairwise(offsets)]
+        gaps = [b - a for a, b in itertools.pairwise(offsets)]  # ms
+        if min(gaps) < 0:  # the wall clock stepped back
+            gaps = [max(g, 0.0) for g in gaps]
         worst = max(range(len(gaps)), key=gaps.__getitem__)
-        child.observe(gaps[worst], exemplar)
+        child.observe(gaps[worst] / 1000.0, exemplar)
         del gaps[worst]
         bounds = getattr(child, "_upper_bounds", None)
         buckets = getattr(child, "_buckets", None)
         total = getattr(child, "_sum", None)
         if bounds is None or buckets is None or total is None:  # not the client we know
             for gap in gaps:
-                child.observe(gap)
+                child.observe(gap / 1000.0)
             return
+        bounds_ms = [b * 1000.0 for b in bounds]
         counts = [0] * len(bounds)
         for gap in gaps:
-            counts[bisect_left(bounds, gap)] += 1  # the first bound >= gap, as observe() does
+            counts[bisect_left(bounds_ms, gap)] += 1  # the first bound >= gap, as observe()
         for i, n in enumerate(counts):
             if n:
                 buckets[i].inc(n)
-        total.inc(sum(gaps))
+        total.inc(sum(gaps) / 1000.0)
 
     def _observe_higress(self, record: Record, failed: bool, server: str, host: str) -> None:
         g = self.guard
