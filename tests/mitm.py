@@ -173,14 +173,7 @@ class Mitmdump:
         """SIGTERM by PID, wait 10 s, then SIGKILL. Returns the exit code."""
         if self.proc is None:
             return self.returncode
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.returncode = self.proc.returncode
+        self.returncode = stop_process(self.proc)
         self.proc = None
         return self.returncode
 
@@ -199,6 +192,18 @@ class Mitmdump:
                 return m.group(1)
             time.sleep(0.05)
         raise AssertionError(f"no metrics endpoint logged within {timeout} s\n{self.output()}")
+
+
+def stop_process(proc: subprocess.Popen) -> int:
+    """Stop a child by its PID: SIGTERM, up to 10 s, then SIGKILL. Returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    return proc.returncode
 
 
 def replay(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import ssl
-import sys
 import time
 import zlib
 from pathlib import Path

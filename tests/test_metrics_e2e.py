@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import signal
 import socket
 import subprocess
 import time
@@ -32,7 +31,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 
 from casekit import case_body
 from conftest import load_cases
-from mitm import ADDON, Mitmdump, build_args, free_port, port_open, start_mitmdump_expect_failure
+from mitm import stop_process, ADDON, Mitmdump, build_args, free_port, port_open, start_mitmdump_expect_failure
 from upstream import (
     JSON_HEADERS, SSE_HEADERS, Reply, Upstream, anthropic_messages_stream, openai_chat_json,
     openai_chat_stream, openai_responses_stream, openai_usage)
@@ -129,14 +128,8 @@ class KeepServingReplay:
 
     def __exit__(self, *exc: object) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        if proc is not None:
+            stop_process(proc)
 
     def output(self) -> str:
         return self.out_path.read_text(errors="replace") if self.out_path.exists() else ""

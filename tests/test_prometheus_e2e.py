@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -37,7 +36,7 @@ import httpx
 import openai
 import pytest
 
-from mitm import REPO_ROOT, Mitmdump, free_port
+from mitm import stop_process, REPO_ROOT, Mitmdump, free_port
 from upstream import SSE_HEADERS, Reply, Upstream, openai_chat_stream, openai_usage
 
 # Higress ai-statistics README (en), "Average latency of the first token in streaming requests",
@@ -126,14 +125,8 @@ class Prometheus:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        if proc is not None:
+            stop_process(proc)
 
     def __enter__(self) -> Prometheus:
         return self.start()

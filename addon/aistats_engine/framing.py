@@ -17,12 +17,8 @@ import zlib
 Event = tuple[str | None, bytes]
 
 
-class SSEFramer:
-    """Server-Sent Events: events end at a blank line (``\\n\\n``, ``\\r\\n\\r\\n``, ``\\r\\r``).
-
-    ``data:`` with or without a space, multi-line ``data:`` joined with ``\\n``, comments and
-    ``id:``/``retry:`` fields ignored, as the WHATWG EventSource parser does.
-    """
+class _TextFramer:
+    """State shared by the text framers: at most one partial event, bounded by ``max_event``."""
 
     __slots__ = ("_buf", "max_event", "oversized", "_skipping")
 
@@ -31,6 +27,20 @@ class SSEFramer:
         self.max_event = max_event
         self.oversized = 0
         self._skipping = False
+
+    def pending(self) -> bytes:
+        """Bytes of an unterminated event (a stream that ended mid-event)."""
+        return self._buf
+
+
+class SSEFramer(_TextFramer):
+    """Server-Sent Events: events end at a blank line (``\\n\\n``, ``\\r\\n\\r\\n``, ``\\r\\r``).
+
+    ``data:`` with or without a space, multi-line ``data:`` joined with ``\\n``, comments and
+    ``id:``/``retry:`` fields ignored, as the WHATWG EventSource parser does.
+    """
+
+    __slots__ = ()
 
     def feed(self, data: bytes) -> list[Event]:
         buf = self._buf + data if self._buf else data
@@ -57,10 +67,6 @@ class SSEFramer:
                 for block, end in _blocks(self, self._buf + data, b"\n\n")
                 if (ev := _parse_sse_block(block)) is not None]
 
-    def pending(self) -> bytes:
-        """Bytes of an unterminated event (a stream that ended mid-event)."""
-        return self._buf
-
     def close(self) -> list[Event]:
         """Flush at end of stream: a final event without its blank line still counts."""
         rest, self._buf = self._buf, b""
@@ -71,7 +77,7 @@ class SSEFramer:
         return [ev] if ev is not None else []
 
 
-def _keep_rest(framer: SSEFramer | NDJSONFramer, parts: list[bytes], size: int) -> bytes:
+def _keep_rest(framer: _TextFramer, parts: list[bytes], size: int) -> bytes:
     """Pop the unterminated tail off ``parts`` and return what to keep of it.
 
     Events over ``max_event`` bytes are dropped whole, whether they arrive in one piece or in
@@ -96,7 +102,7 @@ def _keep_rest(framer: SSEFramer | NDJSONFramer, parts: list[bytes], size: int) 
     return rest
 
 
-def _blocks(framer: SSEFramer | NDJSONFramer, data: bytes,
+def _blocks(framer: _TextFramer, data: bytes,
             sep: bytes) -> list[tuple[bytes, int]]:
     """Split like ``feed`` + ``_keep_rest`` do, keeping where each block ended."""
     out: list[tuple[bytes, int]] = []
@@ -137,16 +143,10 @@ def _parse_sse_block(block: bytes) -> Event | None:
     return (name, b"\n".join(data))
 
 
-class NDJSONFramer:
+class NDJSONFramer(_TextFramer):
     """Newline-delimited JSON (Ollama): one event per non-empty line."""
 
-    __slots__ = ("_buf", "max_event", "oversized", "_skipping")
-
-    def __init__(self, max_event: int = 4 << 20) -> None:
-        self._buf = b""
-        self.max_event = max_event
-        self.oversized = 0
-        self._skipping = False
+    __slots__ = ()
 
     def feed(self, data: bytes) -> list[Event]:
         buf = self._buf + data if self._buf else data
@@ -162,9 +162,6 @@ class NDJSONFramer:
         shift = len(self._buf)
         return [(None, s, end - shift) for line, end in _blocks(self, self._buf + data, b"\n")
                 if (s := line.strip())]
-
-    def pending(self) -> bytes:
-        return self._buf
 
     def close(self) -> list[Event]:
         rest, self._buf = self._buf.strip(), b""

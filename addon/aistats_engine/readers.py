@@ -243,19 +243,9 @@ class ResponseReader:
         if "timings" in obj or "metrics" in obj or "eval_duration" in obj:
             self.hints |= self.stats.take(obj)
         if self.response_model is None:
-            m = obj.get("model") or obj.get("modelVersion")
-            if not isinstance(m, str):
-                inner = obj.get("message") or obj.get("response")
-                m = inner.get("model") if isinstance(inner, dict) else None
-            if isinstance(m, str) and m:
-                self.response_model = m
+            self.response_model = _top_or_inner(obj, "model", "modelVersion")
         if self.chat_id is None:
-            i = obj.get("id") or obj.get("responseId")
-            if not isinstance(i, str):
-                inner = obj.get("message") or obj.get("response")
-                i = inner.get("id") if isinstance(inner, dict) else None
-            if isinstance(i, str) and i:
-                self.chat_id = i
+            self.chat_id = _top_or_inner(obj, "id", "responseId")
         fr = _finish_reason(obj)
         if fr:
             self.finish_reason = fr
@@ -268,6 +258,16 @@ class ResponseReader:
             self.finish_reason = reason
         elif isinstance(status, str) and status:
             self.finish_reason = status
+
+
+def _top_or_inner(obj: dict, key: str, gemini_key: str) -> str | None:
+    """A non-empty string at ``key`` (or Gemini's name for it), else inside the Anthropic
+    ``message`` or Responses ``response`` object."""
+    v = obj.get(key) or obj.get(gemini_key)
+    if not isinstance(v, str):
+        inner = obj.get("message") or obj.get("response")
+        v = inner.get(key) if isinstance(inner, dict) else None
+    return v if isinstance(v, str) and v else None
 
 
 def _finish_reason(obj: dict) -> str | None:
