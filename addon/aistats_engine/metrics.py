@@ -48,13 +48,16 @@ All label values pass through :class:`~aistats_engine.cardinality.LabelGuard`.
 from __future__ import annotations
 
 import itertools
-from bisect import bisect_left
+import operator
+from bisect import bisect_left, bisect_right
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.samples import Exemplar
 from prometheus_client.metrics_core import Metric, UnknownMetricFamily
 from prometheus_client.registry import Collector
 
@@ -181,6 +184,23 @@ class _HigressCollector(Collector):
             for labels, row in rows:
                 family.add_metric(labels, row[i])
             yield family
+
+
+def _observe(child: Any, value: float, exemplar: dict[str, str] | None) -> None:
+    """``Histogram.observe`` without its per-call costs: a Python loop over the bounds and a
+    validation of the (fixed, known-valid) exemplar labels. Same effect; falls back to the
+    public call on a client whose internals differ."""
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if bounds is None or buckets is None or total is None:
+        child.observe(value, exemplar)
+        return
+    total.inc(value)
+    bucket = buckets[bisect_left(bounds, value)]  # the first bound >= value, as observe()
+    bucket.inc(1)
+    if exemplar:
+        bucket.set_exemplar(Exemplar(exemplar, value, time.time()))
 
 
 def _status_class(status: int | None) -> str:
@@ -358,14 +378,14 @@ class Metrics:
         # OTel client metrics
         for token_type, count in (("input", record.input_tokens), ("output", record.output_tokens)):
             if count is not None:
-                child = self._child(self._token_usage, (*base, token_type, *consumer))
-                child.observe(count, exemplar)
+                _observe(self._child(self._token_usage, (*base, token_type, *consumer)),
+                         count, exemplar)
         duration_s = record.duration_ms / 1000.0 if record.duration_ms is not None else None
         ttft_s = record.ttft_ms / 1000.0 if record.stream and record.ttft_ms is not None else None
         if duration_s is not None:
-            self._child(self._duration, timing).observe(duration_s, exemplar)
+            _observe(self._child(self._duration, timing), duration_s, exemplar)
         if ttft_s is not None:
-            self._child(self._ttfc, timing).observe(ttft_s, exemplar)
+            _observe(self._child(self._ttfc, timing), ttft_s, exemplar)
         offsets = record.content_offsets_ms
         if record.stream and len(offsets) > 1:
             self._observe_chunks(self._child(self._tpoc, timing), offsets, exemplar)
@@ -373,13 +393,13 @@ class Metrics:
         if self._server is not None:
             server_duration, server_ttft, server_tpot = self._server
             if duration_s is not None:
-                self._child(server_duration, timing).observe(duration_s, exemplar)
+                _observe(self._child(server_duration, timing), duration_s, exemplar)
             if ttft_s is not None and not failed:
-                self._child(server_ttft, timing).observe(ttft_s, exemplar)
+                _observe(self._child(server_ttft, timing), ttft_s, exemplar)
                 out = record.output_tokens
                 if duration_s is not None and out is not None and out > 1:
                     tpot = max(duration_s - ttft_s, 0.0) / (out - 1)
-                    self._child(server_tpot, timing).observe(tpot, exemplar)
+                    _observe(self._child(server_tpot, timing), tpot, exemplar)
 
         if self._higress is not None:
             self._observe_higress(record, failed, server, address)
@@ -411,12 +431,10 @@ class Metrics:
         the one worth clicking through to. The gaps are counted into buckets here and added
         per bucket (a long stream has thousands of chunks: one locked ``observe`` each would
         cost more than reading them)."""
-        gaps = [b - a for a, b in itertools.pairwise(offsets)]  # ms
-        if min(gaps) < 0:  # the wall clock stepped back
+        gaps = sorted(map(operator.sub, offsets[1:], offsets[:-1]))  # ms, smallest first
+        if gaps[0] < 0:  # the wall clock stepped back
             gaps = [max(g, 0.0) for g in gaps]
-        worst = max(range(len(gaps)), key=gaps.__getitem__)
-        child.observe(gaps[worst] / 1000.0, exemplar)
-        del gaps[worst]
+        _observe(child, gaps.pop() / 1000.0, exemplar)
         bounds = getattr(child, "_upper_bounds", None)
         buckets = getattr(child, "_buckets", None)
         total = getattr(child, "_sum", None)
@@ -424,13 +442,12 @@ class Metrics:
             for gap in gaps:
                 child.observe(gap / 1000.0)
             return
-        bounds_ms = [b * 1000.0 for b in bounds]
-        counts = [0] * len(bounds)
-        for gap in gaps:
-            counts[bisect_left(bounds_ms, gap)] += 1  # the first bound >= gap, as observe()
-        for i, n in enumerate(counts):
-            if n:
-                buckets[i].inc(n)
+        below = 0
+        for bucket, bound in zip(buckets, bounds):
+            upto = bisect_right(gaps, bound * 1000.0)  # gaps <= bound land here, as observe()
+            if upto > below:
+                bucket.inc(upto - below)
+                below = upto
         total.inc(sum(gaps) / 1000.0)
 
     def _observe_higress(self, record: Record, failed: bool, server: str, host: str) -> None:
