@@ -49,17 +49,17 @@ from __future__ import annotations
 
 import itertools
 import operator
-from bisect import bisect_left, bisect_right
 import threading
 import time
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.samples import Exemplar
 from prometheus_client.metrics_core import Metric, UnknownMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
 
 from .cardinality import DEFAULT_LIMIT, DEFAULT_LIMITS, DEFAULT_MAX_LENGTH, LabelGuard
 from .record import Record

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 from bisect import bisect_right
-from itertools import accumulate
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import orjson
