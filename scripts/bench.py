@@ -70,6 +70,8 @@ class Config:
     max_foreign: float = 0.3  # cores of other load during a run above which it is redone...
     retries: int = 2  # ...at most this often, keeping the attempt with the least other load
     budget_s: float = 240.0  # no waiting or retries once the benchmark has run this long
+    scrape_port: int = 0  # during the paced phase, GET 127.0.0.1:<port>/metrics (0: never)...
+    scrape_interval_ms: float = 1000.0  # ...this often (the side without an endpoint: refused)
 
     @classmethod
     def quick(cls) -> Config:
@@ -486,12 +488,21 @@ class Phases:
         return {"ttfb_p50_ms": pct(samples, 0.5) * 1e3, "ttfb_p90_ms": pct(samples, 0.9) * 1e3}
 
     async def paced(self) -> dict[str, float]:
-        """Concurrent paced streams; client starts 2 intervals apart, stream boundaries spread."""
+        """Concurrent paced streams; client starts 2 intervals apart, stream boundaries spread.
+        With ``scrape_port``, a Prometheus-like scraper runs alongside (scrapes must not delay
+        chunks)."""
         c, lat = self.cfg, []
         n = c.paced_clients
-        events, cpu, wall = await self.measured(asyncio.gather(*(
-            sse_streams(self.proxy, self.up.port, paced_lengths(i, n, c.paced_streams, c.paced_events),
-                        c.interval_ms, lat, i * 2 * c.interval_ms / 1000) for i in range(n))))
+        scraper = asyncio.create_task(scrape_loop(c.scrape_port, c.scrape_interval_ms)) \
+            if c.scrape_port else None
+        try:
+            events, cpu, wall = await self.measured(asyncio.gather(*(
+                sse_streams(self.proxy, self.up.port,
+                            paced_lengths(i, n, c.paced_streams, c.paced_events),
+                            c.interval_ms, lat, i * 2 * c.interval_ms / 1000) for i in range(n))))
+        finally:
+            if scraper is not None:
+                scraper.cancel()
         total = sum(events)
         return {"cpu_us_per_event": cpu / total * 1e6, "lat_p50_ms": pct(lat, 0.5) * 1e3,
                 "lat_p90_ms": pct(lat, 0.9) * 1e3,
@@ -514,6 +525,20 @@ class Phases:
         total = sum(reqs)
         return {"cpu_us_per_request": cpu / total * 1e6, "requests_per_s": total / wall,
                 "mitmdump_cpu_util": cpu / wall, "requests": total}
+
+
+async def scrape_loop(port: int, interval_ms: float) -> None:
+    """GET /metrics every interval until cancelled; errors (no endpoint) are ignored."""
+    for _ in range(100_000):
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            await asyncio.wait_for(reader.read(-1), PHASE_TIMEOUT)
+            writer.close()
+        except (OSError, asyncio.TimeoutError):
+            pass
+        await asyncio.sleep(interval_ms / 1000)
 
 
 async def measure(proxy_port: int, pid: int, cfg: Config) -> dict[str, dict[str, float]]:
@@ -708,6 +733,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="wait up to this many s for other load to stop before each run (default 30, quick 3)")
     p.add_argument("--retries", type=int,
                    help="redo a run disturbed by other load up to this often (default 2, quick 0)")
+    p.add_argument("--scrape-port", type=int, default=0,
+                   help="scrape 127.0.0.1:PORT/metrics during the paced phase (aistats: 9464)")
+    p.add_argument("--scrape-interval-ms", type=float, default=1000.0)
     p.add_argument("--mitmdump", default=default_mitmdump())
     p.add_argument("--json", type=Path, help="write all numbers here")
     a = p.parse_args(argv)
@@ -728,6 +756,8 @@ def build_config(a: argparse.Namespace) -> Config:
         cfg.max_wait_quiet = a.max_wait_quiet
     if a.retries is not None:
         cfg.retries = max(0, min(a.retries, 5))
+    cfg.scrape_port = a.scrape_port
+    cfg.scrape_interval_ms = max(a.scrape_interval_ms, 10.0)
     return cfg
 
 
