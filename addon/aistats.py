@@ -17,7 +17,8 @@ import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from mitmproxy import exceptions, http
 
@@ -347,7 +348,7 @@ class AIStats:
             self._overhead = 0.0
 
     # -- failure containment ---------------------------------------------------------------
-    def _guard(self, flow: http.HTTPFlow, hook: str) -> "_Guard":
+    def _guard(self, flow: http.HTTPFlow, hook: str) -> _Guard:
         return _Guard(self, flow.id, hook)
 
     def _report(self, flow_id: str, where: str, exc: BaseException) -> None:

@@ -34,7 +34,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Awaitable
+from typing import Any
+from collections.abc import Awaitable
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADDON = ROOT / "addon" / "aistats.py"
@@ -176,7 +177,7 @@ class Upstream:
                     await self.send_sse(writer, int(headers["x-bench-events"]),
                                         float(headers["x-bench-interval-ms"]) / 1000,
                                         headers.get("x-bench-hold") == "1")
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, KeyError, ValueError):
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, KeyError, ValueError):
             pass
         finally:
             writer.close()
@@ -536,7 +537,7 @@ async def scrape_loop(port: int, interval_ms: float) -> None:
             await writer.drain()
             await asyncio.wait_for(reader.read(-1), PHASE_TIMEOUT)
             writer.close()
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             pass
         await asyncio.sleep(interval_ms / 1000)
 

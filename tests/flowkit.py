@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from typing import Iterable
+from collections.abc import Iterable
 
 from mitmproxy import http
 from mitmproxy.io import FlowReader, FlowWriter
@@ -103,7 +103,7 @@ def run_replay(addon: aistats.AIStats, f: http.HTTPFlow) -> None:
         addon.error(f)
 
 
-def new_addon(**options) -> tuple[aistats.AIStats, "taddons.context", Capture]:
+def new_addon(**options) -> tuple[aistats.AIStats, taddons.context, Capture]:
     addon = aistats.AIStats()
     ctx = taddons.context(addon)
     ctx.__enter__()

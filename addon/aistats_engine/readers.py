@@ -137,12 +137,7 @@ class ResponseReader:
             for c in choices:
                 if c.__class__ is not dict or c.get("finish_reason") is not None:
                     return None
-                d = c.get("delta")
-                if d.__class__ is dict:
-                    if (d.get("content") or d.get("reasoning_content") or d.get("reasoning")
-                            or d.get("tool_calls") or d.get("function_call") or d.get("refusal")):
-                        content = True
-                elif c.get("text"):
+                if _choice_has_content(c):
                     content = True
             return content
         if api == "messages":
@@ -199,14 +194,7 @@ class ResponseReader:
         choices = obj.get("choices")
         if isinstance(choices, list):
             for c in choices:
-                if not isinstance(c, dict):
-                    continue
-                d = c.get("delta")
-                if isinstance(d, dict) and (d.get("content") or d.get("reasoning_content")
-                                            or d.get("reasoning") or d.get("tool_calls")
-                                            or d.get("function_call") or d.get("refusal")):
-                    content = True
-                elif c.get("text"):
+                if isinstance(c, dict) and _choice_has_content(c):
                     content = True
         elif isinstance(obj.get("content"), str) and obj["content"]:  # llama.cpp /completion
             content = True
@@ -258,6 +246,16 @@ class ResponseReader:
             self.finish_reason = reason
         elif isinstance(status, str) and status:
             self.finish_reason = status
+
+
+def _choice_has_content(c: dict) -> bool:
+    """A chat/completions choice with generated text, reasoning or a tool-call delta."""
+    d = c.get("delta")
+    if isinstance(d, dict) and (d.get("content") or d.get("reasoning_content") or d.get("reasoning")
+                                or d.get("tool_calls") or d.get("function_call")
+                                or d.get("refusal")):
+        return True
+    return bool(c.get("text"))
 
 
 def _top_or_inner(obj: dict, key: str, gemini_key: str) -> str | None:

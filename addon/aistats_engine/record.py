@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timezone, UTC
 from typing import Any
 
 SCHEMA = "aistats.record/1"
@@ -88,5 +88,5 @@ _LOGGED_FIELDS = tuple(f.name for f in dataclasses.fields(Record) if f.name != "
 
 def rfc3339_ms(ts: float) -> str:
     """RFC 3339 UTC with milliseconds, e.g. ``2026-11-24T00:37:59.123Z``."""
-    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
+    dt = datetime.fromtimestamp(ts, tz=UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
