@@ -279,7 +279,7 @@ class AIStats:
         stream = resp is not None and framing.framer_for(resp.headers.get("content-type")) is not None
         timing: StreamTiming | None = None
         parsed: Parsed | None = None
-        if st.observer is not None:  # live stream: parsed as it went
+        if st.observer is not None:  # live stream: read in batches as it went, finished here
             parsed = st.observer.finish(complete=flow.error is None)
             if st.observer_failed:
                 parsed.parse_errors.append("internal error while reading the stream")
