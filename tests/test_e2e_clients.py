@@ -294,6 +294,17 @@ def test_zz_replay_of_the_flow_file_gives_identical_records(env):
     assert len(replayed) == len(live) >= 15
     for r in live:
         assert by_flow[r["flow_id"]] == drop_ids(r), r["model"]
+    # The flow file holds, for every complete exchange (SDK ones included), exactly the bytes
+    # the upstream sent: streamed bodies were restored, and nothing was changed on the way.
+    from mitm import read_flows
+    ups = {**env["up"].sent, **env["tls"].sent}
+    checked = 0
+    for f in read_flows(env["flows"]):
+        key = f.request.headers.get("x-aistats-case")
+        if key in ups and f.error is None and f.response is not None:
+            assert f.response.raw_content == ups[key], key
+            checked += 1
+    assert checked >= 10
 
 
 def test_bad_config_stops_mitmdump_with_one_line(tmp_path):
