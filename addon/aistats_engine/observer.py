@@ -58,12 +58,16 @@ class Parsed:
     parse_errors: list[str] = field(default_factory=list)
 
     def to_plain(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = {name: getattr(self, name) for name in _PARSED_FIELDS}
+        out["hints"], out["parse_errors"] = list(self.hints), list(self.parse_errors)
+        return out
 
     @classmethod
     def from_plain(cls, d: dict[str, Any]) -> Parsed:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{k: v for k, v in d.items() if k in _PARSED_FIELDS})
+
+
+_PARSED_FIELDS = tuple(f.name for f in dataclasses.fields(Parsed))
 
 
 def _parsed_from(reader: ResponseReader, parse_errors: list[str]) -> Parsed:
@@ -90,7 +94,9 @@ class StreamTiming:
     content_offsets_ms: list[float] = field(default_factory=list)
 
     def to_plain(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"first_byte_ms": self.first_byte_ms, "last_byte_ms": self.last_byte_ms,
+                "content_events": self.content_events,
+                "content_offsets_ms": list(self.content_offsets_ms)}
 
     @classmethod
     def from_plain(cls, d: dict[str, Any]) -> StreamTiming:
