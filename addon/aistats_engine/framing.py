@@ -108,12 +108,14 @@ def _blocks(framer: _TextFramer, data: bytes,
     out: list[tuple[bytes, int]] = []
     start = 0
     find = data.find
+    step = len(sep)
+    limit = framer.max_event
     while (i := find(sep, start)) >= 0:
-        if i - start > framer.max_event:
+        if i - start > limit:
             framer.oversized += 1
         else:
-            out.append((data[start:i], i + len(sep) - 1))
-        start = i + len(sep)
+            out.append((data[start:i], i + step - 1))
+        start = i + step
     rest = data[start:]
     if len(rest) > framer.max_event:
         framer.oversized += 1

@@ -163,7 +163,8 @@ class StreamObserver:
         if buf is None:
             self._parse(chunk, now)
             return False
-        if len(buf) + len(chunk) > self._max_body:  # over the cap: no copy, chunk by chunk
+        size = len(buf) + len(chunk)
+        if size > self._max_body:  # over the cap: no copy, chunk by chunk
             self.drain()
             self._buf = None
             self.body_capped = True
@@ -171,8 +172,8 @@ class StreamObserver:
             return False
         buf += chunk
         self._chunk_times.append(now)
-        self._chunk_ends.append(len(buf))
-        if not self._drain_due and len(buf) - self._read_upto >= DRAIN_BYTES:
+        self._chunk_ends.append(size)
+        if not self._drain_due and size - self._read_upto >= DRAIN_BYTES:
             self._drain_due = True
             return True
         return False
@@ -234,11 +235,15 @@ class StreamObserver:
         else:
             on_event = self.reader.on_event
             last = len(ends) - 1
+            kept = self._times
+            room = self._max_times - len(kept)
+            found = 0
             for name, data, pos in events:
                 if on_event(name, data):
-                    self._content_events += 1
-                    if len(self._times) < self._max_times:
-                        self._times.append(times[min(bisect_right(ends, pos), last)])
+                    found += 1
+                    if found <= room:
+                        kept.append(times[min(bisect_right(ends, pos), last)])
+            self._content_events += found
         if self._decoder is None and parts is not None and len(parts) < len(starts):
             self._framer = None  # decoding failed: nothing after it can be read
 

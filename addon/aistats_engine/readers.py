@@ -8,6 +8,7 @@ generated content, which drives TTFT and the chunk count.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,7 +93,7 @@ class ResponseReader:
     invalid_events: int = 0
     complete: bool = False  # saw the format's end-of-stream event
     primed: bool = False  # one event went through the full reading (ids, model)
-    fast: bool = True  # let plain delta events take the short path (_quick)
+    fast: bool = True  # let plain delta events take the short path (_SHORT_PATHS)
 
     # -- streams ---------------------------------------------------------------------------
     def on_event(self, name: str | None, data: bytes) -> bool:
@@ -111,9 +112,11 @@ class ResponseReader:
         if obj.__class__ is not dict:
             return False
         if self.primed and self.fast:
-            verdict = self._quick(obj)
-            if verdict is not None:
-                return verdict
+            short = _SHORT_PATHS.get(self.api)
+            if short is not None:
+                verdict = short(obj)
+                if verdict is not None:
+                    return verdict
         self.primed = True
         if name == "error" or obj.get("type") == "error" or (
                 isinstance(obj.get("error"), dict) and "choices" not in obj):
@@ -121,34 +124,6 @@ class ResponseReader:
             return False
         self._common(obj)
         return self._content(name, obj)
-
-    def _quick(self, obj: dict) -> bool | None:
-        """The short path for the bulk of a stream: plain delta events that change nothing but
-        the content count. None when the event may carry anything else (then it is read in
-        full). tests/test_readers.py checks that it never changes a result."""
-        api = self.api
-        if api in _CHAT_APIS:
-            if obj.get("usage") or not _CHAT_RARE_KEYS.isdisjoint(obj):
-                return None
-            choices = obj.get("choices")
-            if choices.__class__ is not list:
-                return None
-            content = False
-            for c in choices:
-                if c.__class__ is not dict or c.get("finish_reason") is not None:
-                    return None
-                if _choice_has_content(c):
-                    content = True
-            return content
-        if api == "messages":
-            t = obj.get("type")
-            if t == "content_block_delta":
-                return True
-            return False if t in _ANTHROPIC_QUIET else None
-        if api == "responses":
-            t = obj.get("type")
-            return bool(obj.get("delta")) if t in _RESPONSES_CONTENT else None
-        return None
 
     def _content(self, name: str | None, obj: dict) -> bool:
         api = self.api
@@ -246,6 +221,44 @@ class ResponseReader:
             self.finish_reason = reason
         elif isinstance(status, str) and status:
             self.finish_reason = status
+
+
+# The short path for the bulk of a stream: plain delta events that change nothing but the
+# content count. Each returns True/False (content or not) or None when the event may carry
+# anything else (then it is read in full). tests/test_readers.py checks that it never changes
+# a result.
+
+def _chat_short(obj: dict) -> bool | None:
+    if obj.get("usage") or not _CHAT_RARE_KEYS.isdisjoint(obj):
+        return None
+    choices = obj.get("choices")
+    if choices.__class__ is not list:
+        return None
+    content = False
+    for c in choices:
+        if c.__class__ is not dict or c.get("finish_reason") is not None:
+            return None
+        if _choice_has_content(c):
+            content = True
+    return content
+
+
+def _anthropic_short(obj: dict) -> bool | None:
+    t = obj.get("type")
+    if t == "content_block_delta":
+        return True
+    return False if t in _ANTHROPIC_QUIET else None
+
+
+def _responses_short(obj: dict) -> bool | None:
+    return bool(obj.get("delta")) if obj.get("type") in _RESPONSES_CONTENT else None
+
+
+_SHORT_PATHS: dict[str | None, Callable[[dict], bool | None]] = {
+    **{api: _chat_short for api in _CHAT_APIS},
+    "messages": _anthropic_short,
+    "responses": _responses_short,
+}
 
 
 def _choice_has_content(c: dict) -> bool:
