@@ -186,16 +186,25 @@ class _HigressCollector(Collector):
             yield family
 
 
-def _observe(child: Any, value: float, exemplar: dict[str, str] | None) -> None:
-    """``Histogram.observe`` without its per-call costs: a Python loop over the bounds and a
-    validation of the (fixed, known-valid) exemplar labels. Same effect; falls back to the
-    public call on a client whose internals differ."""
+def _internals(child: Any) -> tuple[Any, Any, Any] | None:
+    """A histogram child's bucket bounds, bucket values and sum, or None on a
+    prometheus_client whose internals differ (callers then use the public ``observe``)."""
     bounds = getattr(child, "_upper_bounds", None)
     buckets = getattr(child, "_buckets", None)
     total = getattr(child, "_sum", None)
     if bounds is None or buckets is None or total is None:
+        return None
+    return bounds, buckets, total
+
+
+def _observe(child: Any, value: float, exemplar: dict[str, str] | None) -> None:
+    """``Histogram.observe`` without its per-call costs: a Python loop over the bounds and a
+    validation of the (fixed, known-valid) exemplar labels. Same effect."""
+    parts = _internals(child)
+    if parts is None:
         child.observe(value, exemplar)
         return
+    bounds, buckets, total = parts
     total.inc(value)
     bucket = buckets[bisect_left(bounds, value)]  # the first bound >= value, as observe()
     bucket.inc(1)
@@ -435,13 +444,12 @@ class Metrics:
         if gaps[0] < 0:  # the wall clock stepped back
             gaps = [max(g, 0.0) for g in gaps]
         _observe(child, gaps.pop() / 1000.0, exemplar)
-        bounds = getattr(child, "_upper_bounds", None)
-        buckets = getattr(child, "_buckets", None)
-        total = getattr(child, "_sum", None)
-        if bounds is None or buckets is None or total is None:  # not the client we know
+        parts = _internals(child)
+        if parts is None:
             for gap in gaps:
                 child.observe(gap / 1000.0)
             return
+        bounds, buckets, total = parts
         below = 0
         for bucket, bound in zip(buckets, bounds):
             upto = bisect_right(gaps, bound * 1000.0)  # gaps <= bound land here, as observe()

@@ -213,11 +213,13 @@ class StreamObserver:
         starts = [0, *ends[:-1]]
         parts: list[bytes] | None = None
         text = body
+        decode_failed = False
         if self._decoder is not None:
             parts = []
             for start, end in zip(starts, ends):
                 part = self._decode(body[start:end])
                 if part is None:
+                    decode_failed = True
                     break
                 parts.append(part)
             ends = list(accumulate(len(p) for p in parts))
@@ -244,8 +246,8 @@ class StreamObserver:
                     if found <= room:
                         kept.append(times[min(bisect_right(ends, pos), last)])
             self._content_events += found
-        if self._decoder is None and parts is not None and len(parts) < len(starts):
-            self._framer = None  # decoding failed: nothing after it can be read
+        if decode_failed:
+            self._framer = None  # nothing after the failure can be read
 
     def _decode(self, chunk: bytes) -> bytes | None:
         """Decoded bytes, or None after a failure (recorded; reading stops there)."""
