@@ -21,6 +21,16 @@ def case_body(case: dict) -> bytes:
     return body
 
 
+def case_chunks(case: dict) -> list[bytes]:
+    """The body as the upstream writes it: SSE event by event (as a server streams), other
+    bodies in one piece."""
+    body = case_body(case)
+    if "event-stream" in case["response"]["headers"].get("Content-Type", ""):
+        parts = body.split(b"\n\n")
+        return [p + b"\n\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+    return [body]
+
+
 CONTROL_KEYS = {"float_tolerance", "duration_ms_min", "parse_error_prefix"}
 
 

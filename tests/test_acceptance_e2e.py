@@ -13,7 +13,7 @@ import json
 import httpx
 import pytest
 
-from casekit import case_body, check_expect, drop_ids
+from casekit import case_chunks, check_expect, drop_ids
 from conftest import load_cases
 from mitm import Mitmdump, replay
 from upstream import Reply, Upstream
@@ -23,15 +23,6 @@ HIGRESS = load_cases("higress_cases.json")
 LATER = "Higress attribute rules and path filters are not built yet"
 
 
-def _chunks(case: dict, body: bytes) -> list[bytes]:
-    """SSE cases are sent event by event (as a server streams); others in one piece."""
-    ctype = case["response"]["headers"].get("Content-Type", "")
-    if "event-stream" in ctype:
-        parts = body.split(b"\n\n")
-        return [p + b"\n\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
-    return [body]
-
-
 def run_cases(cases: list[dict], tmp) -> dict:
     """Every case through a live mitmdump (-w), then the flow file through mitmdump -nr."""
     live_log, replay_log, flows = tmp / "live.jsonl", tmp / "replay.jsonl", tmp / "cases.flow"
@@ -39,11 +30,10 @@ def run_cases(cases: list[dict], tmp) -> dict:
     with Upstream() as up, Mitmdump(tmp, options={"aistats_log": str(live_log)},
                                     write_flows=flows) as m:
         for case in cases:
-            body = case_body(case)
             delay = case.get("simulate", {}).get("upstream_delay_ms", 0) / 1000
             up.add(case["name"], Reply(status=case["response"]["status"],
                                        headers=list(case["response"]["headers"].items()),
-                                       chunks=_chunks(case, body), header_delay_s=delay))
+                                       chunks=case_chunks(case), header_delay_s=delay))
         with httpx.Client(proxy=m.proxy_url, timeout=30) as client:
             for case in cases:
                 req = case["request"]

@@ -29,7 +29,7 @@ import openai
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
-from casekit import case_body
+from casekit import case_chunks
 from conftest import load_cases
 from mitm import stop_process, ADDON, Mitmdump, build_args, free_port, port_open, start_mitmdump_expect_failure
 from upstream import (
@@ -303,13 +303,6 @@ HEADER_CONFIG = {"session_id_header": "aistats_session_headers",
 HIGRESS = "route_upstream_model_consumer_metric_"
 
 
-def _sse_chunks(case: dict, body: bytes) -> list[bytes]:
-    if "event-stream" in case["response"]["headers"].get("Content-Type", ""):
-        parts = body.split(b"\n\n")
-        return [p + b"\n\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
-    return [body]
-
-
 @pytest.fixture(scope="module")
 def higress_runs(tmp_path_factory):
     """Each runnable case through a live mitmdump: the counter increase per name, summed over
@@ -328,7 +321,7 @@ def higress_runs(tmp_path_factory):
         for case in runnable:
             up.add(case["name"], Reply(status=case["response"]["status"],
                                        headers=list(case["response"]["headers"].items()),
-                                       chunks=_sse_chunks(case, case_body(case))))
+                                       chunks=case_chunks(case)))
         for opts, cases in groups.items():
             with Mitmdump(tmp, options=dict(opts)) as m, \
                     httpx.Client(proxy=m.proxy_url, timeout=30) as client:
