@@ -26,16 +26,17 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # mitmproxy adds it for -s scripts; tests import this file directly
     sys.path.insert(0, _HERE)
 
-from aistats_engine import framing, settings  # noqa: E402
-from aistats_engine.logsink import JsonlSink  # noqa: E402
-from aistats_engine.metrics import Metrics, MetricsConfig  # noqa: E402
-from aistats_engine.metrics_server import MetricsServer  # noqa: E402
+from aistats_engine import settings
+from aistats_engine.wire import framing  # noqa: E402
+from aistats_engine.outputs.logsink import JsonlSink  # noqa: E402
+from aistats_engine.outputs.metrics import Metrics, MetricsConfig  # noqa: E402
+from aistats_engine.outputs.metrics_server import MetricsServer  # noqa: E402
 from aistats_engine.observer import (  # noqa: E402
     DRAIN_LIMIT, Parsed, StreamObserver, StreamTiming, parse_body)
-from aistats_engine.providers import ApiMatch, match_api  # noqa: E402
-from aistats_engine.readers import RequestInfo, read_request  # noqa: E402
-from aistats_engine.record import Record  # noqa: E402
-from aistats_engine.record_builder import (  # noqa: E402
+from aistats_engine.wire.providers import ApiMatch, match_api  # noqa: E402
+from aistats_engine.wire.readers import RequestInfo, read_request  # noqa: E402
+from aistats_engine.record.record import Record  # noqa: E402
+from aistats_engine.record.builder import (  # noqa: E402
     Attribution, Failure, RequestMeta, ResponseMeta, build_record)
 
 log = logging.getLogger("aistats")

@@ -183,7 +183,7 @@ def test_sizes_accept_units():
 
 
 def test_log_sink_writes_jsonl_and_rotates(tmp_path):
-    from aistats_engine.logsink import JsonlSink
+    from aistats_engine.outputs.logsink import JsonlSink
     path = tmp_path / "llm.jsonl"
     sink = JsonlSink(path, max_bytes=200, backups=2, flush_interval=0.05)
     for i in range(20):

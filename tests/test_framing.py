@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from aistats_engine.framing import AWSEventStreamFramer, NDJSONFramer, SSEFramer, framer_for
+from aistats_engine.wire.framing import AWSEventStreamFramer, NDJSONFramer, SSEFramer, framer_for
 from aistats_engine.observer import StreamObserver
 from fixtures import ANTHROPIC, GEMINI, OLLAMA, OPENAI_CHAT, RESPONSES, gzip_per_event, zstd
 

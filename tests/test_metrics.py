@@ -22,8 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families as parse_pro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "addon"))
 
-from aistats_engine.cardinality import OTHER, LabelGuard  # noqa: E402
-from aistats_engine.metrics import (  # noqa: E402
+from aistats_engine.outputs.cardinality import OTHER, LabelGuard  # noqa: E402
+from aistats_engine.outputs.metrics import (  # noqa: E402
     DURATION_BUCKETS,
     HIGRESS_PREFIX,
     SERVER_TTFT_BUCKETS,
@@ -31,8 +31,8 @@ from aistats_engine.metrics import (  # noqa: E402
     Metrics,
     MetricsConfig,
 )
-from aistats_engine.metrics_server import MetricsServer, render, wants_openmetrics  # noqa: E402
-from aistats_engine.record import Record  # noqa: E402
+from aistats_engine.outputs.metrics_server import MetricsServer, render, wants_openmetrics  # noqa: E402
+from aistats_engine.record.record import Record  # noqa: E402
 
 ACCEPTANCE = Path(__file__).resolve().parents[2] / "shared" / "acceptance" / "higress_cases.json"
 OM_ACCEPT = "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.2"
@@ -548,7 +548,7 @@ def test_bulk_chunk_observation_matches_one_by_one() -> None:
 
     from prometheus_client import CollectorRegistry, Histogram
 
-    from aistats_engine.metrics import DURATION_BUCKETS, Metrics
+    from aistats_engine.outputs.metrics import DURATION_BUCKETS, Metrics
 
     rng = random.Random(3)
     gaps_ms = [b * 1000 for b in DURATION_BUCKETS] + [rng.uniform(0, 200_000) for _ in range(500)] + [0.0]

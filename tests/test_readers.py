@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from aistats_engine.decoding import DecodeError, decode_body, decoder_for
-from aistats_engine.framing import framer_for
+from aistats_engine.wire.decoding import DecodeError, decode_body, decoder_for
+from aistats_engine.wire.framing import framer_for
 from aistats_engine.observer import StreamObserver, parse_body
-from aistats_engine.providers import decide_provider, match_api
-from aistats_engine.readers import read_request
-from aistats_engine.usage import Usage
+from aistats_engine.wire.providers import decide_provider, match_api
+from aistats_engine.wire.readers import read_request
+from aistats_engine.wire.usage import Usage
 from fixtures import ANTHROPIC, GEMINI, OLLAMA, OPENAI_CHAT, RESPONSES, br, gzip_per_event, zstd
 
 
@@ -202,7 +202,7 @@ def _all_streams():
         b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":6},"metrics":{"mean_itl_ms":10}}\n\n')
     for case in load_cases("llama_swap_cases.json"):
         if "event-stream" in case["response"]["headers"].get("Content-Type", ""):
-            from aistats_engine.providers import match_api
+            from aistats_engine.wire.providers import match_api
             yield match_api("POST", case["request"]["path"]).api, case["response"]["body"].encode()
 
 

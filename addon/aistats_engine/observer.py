@@ -16,11 +16,11 @@ from typing import Any
 
 import orjson
 
-from . import errors
-from .decoding import DecodeError, Decoder, decode_body, decoder_for
-from .framing import AWSEventStreamFramer, Framer, NDJSONFramer, SSEFramer
-from .readers import ResponseReader
-from .usage import Resolved, resolve
+from .record import errors
+from .wire.decoding import DecodeError, Decoder, decode_body, decoder_for
+from .wire.framing import AWSEventStreamFramer, Framer, NDJSONFramer, SSEFramer
+from .wire.readers import ResponseReader
+from .wire.usage import Resolved, resolve
 
 DEFAULT_MAX_BODY = 16 << 20
 DEFAULT_MAX_CHUNK_TIMES = 10_000

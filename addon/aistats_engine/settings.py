@@ -11,10 +11,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .logsink import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
-from .metrics import DURATION_BUCKETS
+from .outputs.logsink import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
+from .outputs.metrics import DURATION_BUCKETS
 from .observer import DEFAULT_MAX_BODY, DEFAULT_MAX_CHUNK_TIMES, DEFAULT_MAX_EVENT
-from .record_builder import DEFAULT_CONSUMER_HEADER, DEFAULT_SESSION_HEADERS
+from .record.builder import DEFAULT_CONSUMER_HEADER, DEFAULT_SESSION_HEADERS
 
 DEFAULT_MAX_INFLIGHT = 10_000
 DEFAULT_METRICS_PORT = 9464

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from . import errors
+from ..record import errors
 from .usage import ServerStats, Usage, read_usage
 
 

@@ -62,7 +62,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
 
 from .cardinality import DEFAULT_LIMIT, DEFAULT_LIMITS, DEFAULT_MAX_LENGTH, LabelGuard
-from .record import Record
+from ..record.record import Record
 
 # OTel GenAI recommended ExplicitBucketBoundaries (semantic conventions v1.41).
 TOKEN_BUCKETS: tuple[float, ...] = (

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 from . import errors
 from .clients import client_name
-from .observer import Parsed, StreamTiming
-from .providers import ApiMatch, decide_provider
-from .readers import RequestInfo
+from ..observer import Parsed, StreamTiming
+from ..wire.providers import ApiMatch, decide_provider
+from ..wire.readers import RequestInfo
 from .record import Record, rfc3339_ms
 
 DEFAULT_SESSION_HEADERS = ("x-session-id", "x-litellm-session-id", "x-agent-session",

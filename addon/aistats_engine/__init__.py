@@ -1,0 +1,1 @@
+"""aistats engine: plain Python, no mitmproxy import."""
