@@ -26,23 +26,31 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # mitmproxy adds it for -s scripts; tests import this file directly
     sys.path.insert(0, _HERE)
 
-from aistats_engine import settings
-from aistats_engine.wire import framing  # noqa: E402
-from aistats_engine.outputs.logsink import JsonlSink  # noqa: E402
-from aistats_engine.outputs.metrics import Metrics, MetricsConfig  # noqa: E402
-from aistats_engine.outputs.metrics_server import MetricsServer  # noqa: E402
+from aistats_engine import settings  # noqa: E402
 from aistats_engine.observer import (  # noqa: E402
     DRAIN_LIMIT, Parsed, StreamObserver, StreamTiming, parse_body)
-from aistats_engine.wire.providers import ApiMatch, match_api  # noqa: E402
-from aistats_engine.wire.readers import RequestInfo, read_request  # noqa: E402
-from aistats_engine.record.record import Record  # noqa: E402
+from aistats_engine.outputs.bus import Bus, Finished, Started  # noqa: E402
+from aistats_engine.outputs.metrics import MetricsConfig  # noqa: E402
+from aistats_engine.outputs.metrics_output import MetricsOutput  # noqa: E402
+from aistats_engine.outputs.record_log import RecordLog  # noqa: E402
+from aistats_engine.outputs.summary import SummaryLine  # noqa: E402
+from aistats_engine.record import redact  # noqa: E402
 from aistats_engine.record.builder import (  # noqa: E402
-    Attribution, Failure, RequestMeta, ResponseMeta, build_record)
+    Attribution, Failure, RequestMeta, ResponseMeta, build_record, exchange_end)
+from aistats_engine.record.problems import INTERNAL, Problem  # noqa: E402
+from aistats_engine.wire import framing  # noqa: E402
+from aistats_engine.wire.format import Match  # noqa: E402
+from aistats_engine.wire.formats import match_api  # noqa: E402
+from aistats_engine.wire.reader import RequestInfo, read_request  # noqa: E402
 
 log = logging.getLogger("aistats")
 
 METADATA_KEY = "aistats"
-METADATA_VERSION = 1
+METADATA_VERSION = 2  # v2: Parsed with structured problems (v1 flows replay from their bodies)
+
+
+def _log_part(s: settings.Settings) -> tuple:
+    return (s.log_path, s.log_max_bytes, s.log_backups)
 
 
 def _metrics_part(s: settings.Settings) -> tuple:
@@ -54,32 +62,31 @@ class _FlowState:
     """What we keep for one LLM flow between its hooks. (A plain class: mitmproxy executes
     this file without registering it in sys.modules, which dataclasses need.)"""
 
-    __slots__ = ("match", "request_info", "observer", "observer_failed")
+    __slots__ = ("match", "request_info", "framer", "observer", "failed")
 
-    def __init__(self, match: ApiMatch) -> None:
+    def __init__(self, match: Match) -> None:
         self.match = match
         self.request_info: RequestInfo | None = None
+        self.framer: type[framing.Framer] | None = None  # the response is a stream of this
         self.observer: StreamObserver | None = None
-        self.observer_failed = False
+        self.failed: list[Problem] = []  # our own exceptions while reading this flow
 
 
 class AIStats:
-    """Hooks → engine. One record per LLM request, written to the configured sinks."""
+    """Hooks → engine → one record per LLM request, handed to the outputs on one bus."""
 
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self._flows: OrderedDict[str, _FlowState] = OrderedDict()
         self.settings: settings.Settings | None = None
         self._running = False
-        self._sink: JsonlSink | None = None
+        self.bus = Bus(self._report_output)
+        self.bus.on_dropped(self._dropped)
         self._attribution = Attribution()
-        self.metrics: Metrics | None = None
-        self._metrics_server: MetricsServer | None = None
         self._reported: set[str] = set()
-        self._overhead = 0.0  # seconds spent in our hooks, flushed to the metric per record
+        self.overhead = 0.0  # seconds spent in our hooks, in total
         self.records_written = 0
-        self._print = False
-        self._unpublished: list[Record] = []  # emitted, not yet given to sinks and metrics
+        self._unpublished: list[Finished] = []  # built, not yet given to the outputs
 
     # -- options ---------------------------------------------------------------------------
     def load(self, loader: Any) -> None:
@@ -92,132 +99,130 @@ class AIStats:
             return
         from mitmproxy import ctx
 
-        # Every log line costs a hook dispatch over all addons in mitmproxy (legacy add_log
-        # events), so the summary is only made when the terminal shows INFO lines.
-        self._print = (ctx.options.aistats_print
-                       and getattr(ctx.options, "termlog_verbosity", "info") in ("info", "debug"))
         try:
             new = settings.parse({spec.name: getattr(ctx.options, spec.name)
                                   for spec in settings.OPTIONS})
-            self._apply(new)
+            self._apply(new, getattr(ctx.options, "termlog_verbosity", "info"))
         except settings.SettingsError as e:
             if self._running:  # a change at run time (mitmweb, console): roll it back
                 raise exceptions.OptionsError(str(e)) from None
             # At start-up one ERROR line makes mitmdump exit non-zero, without a traceback.
             log.error("aistats: %s", e)
 
-    def _apply(self, new: settings.Settings) -> None:
+    def _apply(self, new: settings.Settings, verbosity: str) -> None:
+        """Build every output whose options changed before replacing (and closing) the old
+        one, so a refused change leaves the running outputs as they were."""
         old = self.settings
-        if (old is None or (old.log_path, old.log_max_bytes, old.log_backups)
-                != (new.log_path, new.log_max_bytes, new.log_backups)):
-            self._open_sink(new)
-        self._attribution = Attribution(new.session_headers, new.consumer_header)
+        log_out: RecordLog | None = None
+        if old is None or _log_part(old) != _log_part(new):
+            log_out = self._build_log(new)
         if old is None or _metrics_part(old) != _metrics_part(new):
-            self.metrics = Metrics(MetricsConfig(
-                duration_buckets=new.duration_buckets,
-                time_to_first_chunk_buckets=new.ttft_buckets,
-                time_per_output_chunk_buckets=new.duration_buckets,
-                server_metrics=new.metrics_server_trio,
-                default_label_limit=new.metrics_label_limit,
-                label_limits={"model": new.metrics_label_limit,
-                              "consumer": new.metrics_label_limit},
-            )) if new.metrics else None
-            if self._running:  # reconfigured at run time: serve the new registry
-                self._stop_metrics_server()
-                self._start_metrics_server(new)
+            metrics_out = self._build_metrics(new) if new.metrics else None
+            self.bus.replace("metrics", metrics_out)
+        if log_out is not None or (old is not None and not new.log_path):
+            self.bus.replace("log", log_out)
+        # Every log line costs a hook dispatch over all addons in mitmproxy (legacy add_log
+        # events), so the summary is only made when the terminal shows INFO lines.
+        show = new.print_summary and verbosity in ("info", "debug")
+        if show != ("summary" in self.bus):
+            self.bus.replace("summary", SummaryLine() if show else None)
+        self._attribution = Attribution(new.session_headers, new.consumer_header)
         self.settings = new
 
-    def _open_sink(self, new: settings.Settings) -> None:
-        if self._sink is not None:
-            self._sink.close()
-            self._sink = None
+    def _build_log(self, new: settings.Settings) -> RecordLog | None:
         if not new.log_path:
-            return
+            return None
         try:
-            self._sink = JsonlSink(Path(new.log_path).expanduser(), max_bytes=new.log_max_bytes,
-                                   backups=new.log_backups)
+            return RecordLog(new.log_path, new.log_max_bytes, new.log_backups,
+                             on_drop=lambda n: self.bus.dropped("log", n))
         except OSError as e:
             raise settings.SettingsError("aistats_log", new.log_path,
                                          f"a writable file path ({e.strerror or e})") from None
 
-    def running(self) -> None:
-        self._running = True
-        if self.settings is None:
-            return  # configuration failed; mitmdump is exiting
-        log.info("aistats: %s", self.settings.describe())
-        self._start_metrics_server(self.settings)
+    def _build_metrics(self, new: settings.Settings) -> MetricsOutput:
+        out = MetricsOutput(MetricsConfig(
+            duration_buckets=new.duration_buckets,
+            time_to_first_chunk_buckets=new.ttft_buckets,
+            time_per_output_chunk_buckets=new.duration_buckets,
+            server_metrics=new.metrics_server_trio,
+            default_label_limit=new.metrics_label_limit,
+            label_limits={"model": new.metrics_label_limit,
+                          "consumer": new.metrics_label_limit},
+        ), inflight=self._flows.__len__, overhead=lambda: self.overhead)
+        if self._running:  # at start the endpoint is bound in running()
+            previous = self.bus.get("metrics")
+            self._serve_metrics(out, new, previous if isinstance(previous, MetricsOutput) else None)
+        return out
 
-    def _start_metrics_server(self, cfg: settings.Settings) -> None:
-        if not cfg.metrics or self.metrics is None:
-            return
-        server = MetricsServer(self.metrics.registry, host=cfg.metrics_host, port=cfg.metrics_port)
+    def _serve_metrics(self, out: MetricsOutput, cfg: settings.Settings,
+                       previous: MetricsOutput | None) -> None:
         try:
-            server.start()
+            out.serve(cfg.metrics_host, cfg.metrics_port, previous)
         except OSError as e:
+            if self._running:  # a run-time change: refused and rolled back
+                raise settings.SettingsError(
+                    "aistats_metrics_port", cfg.metrics_port,
+                    f"a free port on {cfg.metrics_host} ({e.strerror or e})") from None
             # At start-up this ERROR line makes mitmdump exit non-zero.
             log.error("aistats: cannot serve metrics on %s:%d: %s; set aistats_metrics_port "
                       "to a free port or aistats_metrics=false", cfg.metrics_host,
                       cfg.metrics_port, e.strerror or e)
             return
-        self._metrics_server = server
-        log.info("aistats: metrics on http://%s:%d/metrics", cfg.metrics_host, server.port)
+        assert out.server is not None
+        log.info("aistats: metrics on http://%s:%d/metrics", cfg.metrics_host, out.server.port)
 
-    def _stop_metrics_server(self) -> None:
-        if self._metrics_server is not None:
-            self._metrics_server.stop()
-            self._metrics_server = None
+    def running(self) -> None:
+        if self.settings is not None:
+            log.info("aistats: %s", self.settings.describe())
+            out = self.bus.get("metrics")
+            if isinstance(out, MetricsOutput) and out.server is None:
+                self._serve_metrics(out, self.settings, None)
+        self._running = True
 
     def done(self) -> None:
         self._publish()
-        self._stop_metrics_server()
-        if self._sink is not None:
-            self._sink.close()
-            self._sink = None
+        self.bus.close(wait=True)
 
     # -- hooks -----------------------------------------------------------------------------
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         with self._guard(flow, "requestheaders"):
             cfg = self.settings
-            match = match_api(flow.request.method, flow.request.path)
+            req = flow.request
+            match = match_api(req.method, req.path)
             if match is None or cfg is None:
                 return
             self._flows[flow.id] = _FlowState(match)
-            if self.metrics is not None:
-                self.metrics.request_started()
             while len(self._flows) > cfg.max_inflight:
                 dropped, _ = self._flows.popitem(last=False)
-                if self.metrics is not None:
-                    self.metrics.request_finished()
                 log.warning("aistats: more than %d LLM requests in flight; no record for flow %s",
                             cfg.max_inflight, dropped)
+            self.bus.started(Started(flow.id, req.method, req.host, req.port,
+                                     req.path.split("?", 1)[0], req.timestamp_start, match.api,
+                                     match.model_from_path))
 
     def request(self, flow: http.HTTPFlow) -> None:
         with self._guard(flow, "request"):
             st = self._flows.get(flow.id)
             if st is not None:
-                st.request_info = _read_request(flow)
+                st.request_info = self._read_request(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         with self._guard(flow, "responseheaders"):
             st = self._flows.get(flow.id)
             resp = flow.response
-            if st is None or resp is None or not flow.live:
+            if st is None or resp is None:
                 return
-            if callable(resp.stream):
-                return  # another addon already owns the stream
+            st.framer = framing.framer_for(resp.headers.get("content-type"))
+            if st.framer is None or not flow.live or callable(resp.stream):
+                return  # a whole body, a replay, or another addon already owns the stream
             st.observer = self._stream_observer(st, flow)
-            if st.observer is not None:
-                resp.stream = self._stream_fn(flow.id, st)
+            resp.stream = self._stream_fn(flow.id, st)
 
-    def _stream_observer(self, st: _FlowState, flow: http.HTTPFlow) -> StreamObserver | None:
-        """An observer for a streamed content type (SSE, NDJSON, AWS event stream), else None."""
+    def _stream_observer(self, st: _FlowState, flow: http.HTTPFlow) -> StreamObserver:
         resp = flow.response
         cfg = self.settings
-        assert resp is not None and cfg is not None
-        framer_cls = framing.framer_for(resp.headers.get("content-type"))
-        if framer_cls is None:
-            return None
-        return StreamObserver(st.match.api, framer_cls(max_event=cfg.max_event),
+        assert resp is not None and cfg is not None and st.framer is not None
+        return StreamObserver(st.match.fmt, st.framer(max_event=cfg.max_event),
                               resp.headers.get("content-encoding"), flow.request.timestamp_start,
                               max_body=cfg.max_body, max_chunk_times=cfg.max_chunk_times)
 
@@ -236,23 +241,21 @@ class AIStats:
         def drain() -> None:
             t0 = clock()
             try:
-                if not st.observer_failed and observer.drain(DRAIN_LIMIT):
+                if not st.failed and observer.drain(DRAIN_LIMIT):
                     call_soon(drain)  # more kept: let other connections go first
             except Exception as e:
-                st.observer_failed = True
-                self._report(flow_id, "stream", e)
-            self._overhead += clock() - t0
+                self._failed(flow_id, st, "stream", e)
+            self.overhead += clock() - t0
 
         def observe(chunk: bytes) -> bytes:
-            if chunk and not st.observer_failed:
+            if chunk and not st.failed:
                 t0 = clock()
                 try:
                     if observer.feed(chunk, now()):
                         call_soon(drain)
                 except Exception as e:  # never drop or delay a chunk for our failure
-                    st.observer_failed = True
-                    self._report(flow_id, "stream", e)
-                self._overhead += clock() - t0
+                    self._failed(flow_id, st, "stream", e)
+                self.overhead += clock() - t0
             return chunk
 
         return observe
@@ -268,22 +271,49 @@ class AIStats:
             self._finish(flow)
 
     # -- finalisation ----------------------------------------------------------------------
+    def _read_request(self, flow: http.HTTPFlow) -> RequestInfo:
+        cfg = self.settings
+        req = flow.request
+        return read_request(req.raw_content, req.headers.get("content-encoding"),
+                            cfg.max_body if cfg is not None else settings.DEFAULT_MAX_BODY)
+
     def _finish(self, flow: http.HTTPFlow) -> None:
         st = self._flows.pop(flow.id, None)
         if st is None:
             return
-        if self.metrics is not None:
-            self.metrics.request_finished()
-        if st.request_info is None:
-            st.request_info = _read_request(flow)
         resp = flow.response
-        stream = resp is not None and framing.framer_for(resp.headers.get("content-type")) is not None
+        if st.request_info is None:
+            st.request_info = self._read_request(flow)
+        if resp is not None and st.framer is None:  # the responseheaders hook did not run
+            st.framer = framing.framer_for(resp.headers.get("content-type"))
         timing: StreamTiming | None = None
         parsed: Parsed | None = None
+        try:
+            timing, parsed = self._read_response(st, flow)
+        except Exception as e:  # a reader failure still gives a record, marked
+            self._failed(flow.id, st, "finish", e)
+        rec_args = (_request_meta(flow), st.match, st.request_info,
+                    _response_meta(resp) if resp is not None else None)
+        failure = Failure(flow.error.msg, flow.error.timestamp) if flow.error else None
+        stream = st.framer is not None
+        try:
+            rec = build_record(next(self._ids), *rec_args, parsed, stream, timing, failure,
+                               self._attribution, tuple(st.failed))
+        except Exception as e:
+            self._failed(flow.id, st, "record", e)
+            rec = build_record(next(self._ids), *rec_args, None, stream, None, failure,
+                               self._attribution, tuple(st.failed))
+        t_end = exchange_end(rec_args[0], rec_args[3], timing, failure)
+        self._emit(Finished(
+            rec, flow.request.timestamp_start, t_end if t_end is not None else rec_args[0].t_start,
+            redact.headers(_first_values(flow.request.headers.fields)),
+            redact.headers(_first_values(resp.headers.fields)) if resp is not None else []))
+
+    def _read_response(self, st: _FlowState, flow: http.HTTPFlow
+                       ) -> tuple[StreamTiming | None, Parsed | None]:
+        resp = flow.response
         if st.observer is not None:  # live stream: read in batches as it went, finished here
             parsed = st.observer.finish(complete=flow.error is None)
-            if st.observer_failed:
-                parsed.parse_errors.append("internal error while reading the stream")
             timing = st.observer.timing()
             body = st.observer.body()
             if resp is not None and body is not None and resp.raw_content is None:
@@ -293,37 +323,35 @@ class AIStats:
                 "timing": timing.to_plain(),
                 "parsed": parsed.to_plain() if body is None else None,
             }
-        elif resp is not None:
-            md = flow.metadata.get(METADATA_KEY) if not flow.live else None
-            if isinstance(md, dict) and md.get("v") == METADATA_VERSION:
-                timing = StreamTiming.from_plain(md.get("timing") or {})
-                if md.get("parsed"):
-                    parsed = Parsed.from_plain(md["parsed"])
-            if parsed is None:
-                parsed = self._parse_stored(st, flow, stream)
-        rec = build_record(
-            next(self._ids), _request_meta(flow), st.match, st.request_info,
-            _response_meta(resp) if resp is not None else None, parsed, stream, timing,
-            Failure(flow.error.msg, flow.error.timestamp) if flow.error else None,
-            self._attribution)
-        self._emit(rec)
+            return timing, parsed
+        if resp is None:
+            return None, None
+        timing, parsed = None, None
+        md = flow.metadata.get(METADATA_KEY) if not flow.live else None
+        if isinstance(md, dict) and md.get("v") in (1, METADATA_VERSION):
+            timing = StreamTiming.from_plain(md.get("timing") or {})
+            if md.get("parsed") and md.get("v") == METADATA_VERSION:
+                parsed = Parsed.from_plain(md["parsed"])
+        if parsed is None:
+            parsed = self._parse_stored(st, flow)
+        return timing, parsed
 
-    def _parse_stored(self, st: _FlowState, flow: http.HTTPFlow, stream: bool) -> Parsed:
+    def _parse_stored(self, st: _FlowState, flow: http.HTTPFlow) -> Parsed:
         resp = flow.response
         assert resp is not None and self.settings is not None
-        obs = self._stream_observer(st, flow) if stream else None
-        if obs is not None:
+        if st.framer is not None:
+            obs = self._stream_observer(st, flow)
             obs.feed_all(resp.raw_content or b"")
             return obs.finish(complete=flow.error is None)
-        return parse_body(st.match.api, resp.raw_content, resp.headers.get("content-encoding"),
+        return parse_body(st.match.fmt, resp.raw_content, resp.headers.get("content-encoding"),
                           max_body=self.settings.max_body)
 
-    def _emit(self, rec: Record) -> None:
+    def _emit(self, event: Finished) -> None:
         """Hand the record to the outputs, on the next loop turn when there is a loop: the
         end of a stream is then two short stretches of work instead of one long one, which
         is what other connections' chunks wait for."""
         self.records_written += 1
-        self._unpublished.append(rec)
+        self._unpublished.append(event)
         if len(self._unpublished) == 1:
             try:
                 asyncio.get_running_loop().call_soon(self._publish)
@@ -332,25 +360,21 @@ class AIStats:
 
     def _publish(self) -> None:
         t0 = time.perf_counter()
-        records, self._unpublished = self._unpublished, []
-        for rec in records:
-            try:
-                if self._sink is not None:
-                    self._sink.write(rec.to_dict())
-                if self.metrics is not None:
-                    self.metrics.observe(rec)
-                if self._print:
-                    log.info("aistats: %s", _summary(rec))
-            except Exception as e:
-                self._report(rec.flow_id, "publish", e)
-        self._overhead += time.perf_counter() - t0
-        if self.metrics is not None:
-            self.metrics.add_overhead(self._overhead)
-            self._overhead = 0.0
+        events, self._unpublished = self._unpublished, []
+        for event in events:
+            self.bus.finished(event)
+        self.overhead += time.perf_counter() - t0
 
     # -- failure containment ---------------------------------------------------------------
     def _guard(self, flow: http.HTTPFlow, hook: str) -> _Guard:
         return _Guard(self, flow.id, hook)
+
+    def _failed(self, flow_id: str, st: _FlowState, where: str, exc: Exception) -> None:
+        """Our exception while reading a flow: reported once, and marked on its record."""
+        if not st.failed:
+            st.failed.append(Problem(INTERNAL, f"internal error in aistats ({where}): "
+                                               f"{type(exc).__name__}"))
+        self._report(flow_id, where, exc)
 
     def _report(self, flow_id: str, where: str, exc: BaseException) -> None:
         if flow_id in self._reported:
@@ -359,8 +383,16 @@ class AIStats:
             self._reported.clear()
         self._reported.add(flow_id)
         log.warning("aistats: internal error in %s for flow %s: %s: %s (flow continues)",
-                    where, flow_id, type(exc).__name__, exc)
+                    where, flow_id, type(exc).__name__, redact.shapes(str(exc)))
         log.debug("aistats: traceback", exc_info=exc)
+
+    def _report_output(self, output: str, where: str, exc: Exception) -> None:
+        self._report(f"{output}:{where}", f"output {output}", exc)
+
+    def _dropped(self, output: str, n: int) -> None:
+        out = self.bus.get("metrics")
+        if isinstance(out, MetricsOutput):
+            out.dropped(output, n)
 
 
 class _Guard:
@@ -375,7 +407,7 @@ class _Guard:
         self._t0 = time.perf_counter()
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        self._addon._overhead += time.perf_counter() - self._t0
+        self._addon.overhead += time.perf_counter() - self._t0
         if exc is not None and isinstance(exc, Exception):
             self._addon._report(self._flow_id, self._hook, exc)
             return True
@@ -386,43 +418,28 @@ def _call_now(fn: Callable[[], None]) -> None:
     fn()
 
 
-def _read_request(flow: http.HTTPFlow) -> RequestInfo:
-    try:
-        body = flow.request.get_content(strict=False)
-    except ValueError:
-        body = flow.request.raw_content
-    return read_request(body)
+def _first_values(fields: Any) -> list[tuple[str, str]]:
+    """Header pairs, first value per (lower-cased) name."""
+    out: dict[str, str] = {}
+    for k, v in fields:
+        out.setdefault(k.decode("latin-1").lower(), v.decode("utf-8", "replace"))
+    return list(out.items())
 
 
 def _request_meta(flow: http.HTTPFlow) -> RequestMeta:
     req = flow.request
-    headers: dict[str, str] = {}
-    for k, v in req.headers.fields:
-        headers.setdefault(k.decode("latin-1").lower(), v.decode("utf-8", "replace"))
+    path, _, query = req.path.partition("?")
+    headers = _first_values(req.headers.fields)
+    every = [(k.decode("latin-1"), v.decode("utf-8", "replace")) for k, v in req.headers.fields]
     return RequestMeta(
         flow_id=flow.id, method=req.method, scheme=req.scheme, host=req.host, port=req.port,
-        path=req.path.split("?", 1)[0], t_start=req.timestamp_start, headers=headers)
+        path=path, t_start=req.timestamp_start, headers=dict(headers),
+        secrets=redact.secrets_of(every, query))
 
 
 def _response_meta(resp: http.Response) -> ResponseMeta:
     return ResponseMeta(resp.status_code, resp.headers.get("content-type"),
                         resp.timestamp_start, resp.timestamp_end)
-
-
-def _summary(rec: Record) -> str:
-    parts = [f"#{rec.id}", rec.provider or "?", rec.operation or "?", rec.model or "?",
-             str(rec.status) if rec.status is not None else "-"]
-    if rec.input_tokens is not None or rec.output_tokens is not None:
-        parts.append(f"in={rec.input_tokens} out={rec.output_tokens}")
-    if rec.ttft_ms is not None:
-        parts.append(f"ttft={rec.ttft_ms:.0f}ms")
-    if rec.duration_ms is not None:
-        parts.append(f"{rec.duration_ms:.0f}ms")
-    if rec.error:
-        parts.append(f"error={rec.error_type}: {rec.error[:80]}")
-    if rec.parse_error:
-        parts.append(f"parse_error={rec.parse_error[:80]}")
-    return " ".join(parts)
 
 
 addons = [AIStats()]

@@ -76,3 +76,46 @@ def br(body: bytes) -> bytes:
 
 def zstd(body: bytes) -> bytes:
     return zstandard.ZstdCompressor().compress(body)
+
+
+def aws_frame(event_type: str, payload: bytes, header_name: str = ":event-type") -> bytes:
+    """One AWS event-stream message (Bedrock): prelude with CRC, one string header, payload,
+    message CRC."""
+    import struct
+    name = header_name.encode()
+    value = event_type.encode()
+    headers = bytes([len(name)]) + name + b"\x07" + struct.pack(">H", len(value)) + value
+    total = 12 + len(headers) + len(payload) + 4
+    prelude = struct.pack(">II", total, len(headers))
+    prelude += struct.pack(">I", zlib.crc32(prelude))
+    msg = prelude + headers + payload
+    return msg + struct.pack(">I", zlib.crc32(msg))
+
+
+def bedrock_invoke_stream(events: list[dict], metrics: dict | None = None) -> bytes:
+    """InvokeModelWithResponseStream: each model event base64-wrapped in a ``chunk`` frame; the
+    last one carries ``amazon-bedrock-invocationMetrics``."""
+    import base64
+    out = []
+    for i, ev in enumerate(events):
+        if metrics is not None and i == len(events) - 1:
+            ev = {**ev, "amazon-bedrock-invocationMetrics": metrics}
+        inner = base64.b64encode(json.dumps(ev).encode()).decode()
+        out.append(aws_frame("chunk", json.dumps({"bytes": inner}).encode()))
+    return b"".join(out)
+
+
+BEDROCK_INVOKE_CLAUDE = bedrock_invoke_stream([
+    {"type": "message_start", "message": {"id": "msg_b1", "model": "claude-3-5-sonnet", "usage": {"input_tokens": 9, "output_tokens": 1}}},
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "!"}},
+    {"type": "content_block_stop", "index": 0},
+    {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 4}},
+    {"type": "message_stop"},
+], metrics={"inputTokenCount": 9, "outputTokenCount": 4, "invocationLatency": 300, "firstByteLatency": 100})
+
+BEDROCK_INVOKE_LLAMA = bedrock_invoke_stream([
+    {"generation": "Hel", "prompt_token_count": 7, "generation_token_count": 1, "stop_reason": None},
+    {"generation": "lo", "prompt_token_count": None, "generation_token_count": 2, "stop_reason": "stop"},
+], metrics={"inputTokenCount": 7, "outputTokenCount": 2, "invocationLatency": 200, "firstByteLatency": 50})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import Iterable
 
@@ -13,17 +14,23 @@ import aistats  # addon/aistats.py (addon/ is on sys.path via conftest)
 
 
 class Capture:
-    """Collects records the addon emits, instead of a log file."""
+    """An output on the addon's bus that keeps what it is given (instead of a log file)."""
 
     def __init__(self, addon: aistats.AIStats) -> None:
         self.records: list[dict] = []
-        orig = addon._emit
+        self.events: list = []  # Finished events
+        self.started_events: list = []
+        addon.bus.replace("test-capture", self)
 
-        def emit(rec):  # keep the real emit (summary line, sink) and collect the dict
-            orig(rec)
-            self.records.append(rec.to_dict())
+    def started(self, event) -> None:
+        self.started_events.append(event)
 
-        addon._emit = emit  # type: ignore[method-assign]
+    def finished(self, event) -> None:
+        self.events.append(event)
+        self.records.append(event.record.to_dict())
+
+    def close(self, wait: bool = False) -> None:
+        pass
 
 
 def make_flow(method: str, path: str, req_headers: dict[str, str], req_body: bytes,
@@ -49,8 +56,16 @@ def set_response(f: http.HTTPFlow, status: int, headers: dict[str, str], t: floa
 def run_live(addon: aistats.AIStats, f: http.HTTPFlow, status: int, headers: dict[str, str],
              chunks: Iterable[bytes], body: bytes, chunk_gap: float = 0.01,
              error: str | None = None) -> http.HTTPFlow:
-    """Hooks in live order. Streams go through the installed callable chunk by chunk (with a
-    fake clock); other bodies are set whole, as mitmproxy does before ``response``."""
+    """Hooks in live order, inside a running event loop, so the addon's deferred work
+    (``call_soon``: batched stream reading, publishing) runs as in mitmproxy: between chunks.
+    Streams go through the installed callable chunk by chunk (with a fake clock); other bodies
+    are set whole, as mitmproxy does before ``response``."""
+    asyncio.run(_live(addon, f, status, headers, list(chunks), body, chunk_gap, error))
+    return f
+
+
+async def _live(addon: aistats.AIStats, f: http.HTTPFlow, status: int, headers: dict[str, str],
+                chunks: list[bytes], body: bytes, chunk_gap: float, error: str | None) -> None:
     f.live = True
     t = f.request.timestamp_start
     addon.requestheaders(f)
@@ -60,12 +75,13 @@ def run_live(addon: aistats.AIStats, f: http.HTTPFlow, status: int, headers: dic
     clock = [t + 0.05]
     if callable(f.response.stream):
         orig = aistats.time.time
-        aistats_time = lambda: clock[0]  # noqa: E731
         try:
-            aistats.time.time = aistats_time
+            aistats.time.time = lambda: clock[0]
             for c in chunks:
                 clock[0] += chunk_gap
                 assert f.response.stream(c) == c  # the traffic is sacred
+                for _ in range(3):  # let scheduled drains run (each may schedule one more)
+                    await asyncio.sleep(0)
         finally:
             aistats.time.time = orig
     else:
@@ -79,8 +95,8 @@ def run_live(addon: aistats.AIStats, f: http.HTTPFlow, status: int, headers: dic
     else:
         f.response.timestamp_end = clock[0] + 0.001
         addon.response(f)
+    await asyncio.sleep(0)  # the record is published on the next loop turn
     f.live = False
-    return f
 
 
 def roundtrip(f: http.HTTPFlow) -> http.HTTPFlow:

@@ -188,7 +188,7 @@ def test_log_sink_writes_jsonl_and_rotates(tmp_path):
     sink = JsonlSink(path, max_bytes=200, backups=2, flush_interval=0.05)
     for i in range(20):
         sink.write({"i": i, "pad": "x" * 40})
-    sink.close()
+    sink.close(wait=True)
     lines = [json.loads(x) for p in (path.with_name("llm.jsonl.2"), path.with_name("llm.jsonl.1"), path)
              if p.exists() for x in p.read_text().splitlines()]
     assert [x["i"] for x in lines] == list(range(20))[-len(lines):]

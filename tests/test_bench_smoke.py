@@ -1,22 +1,28 @@
-"""Smoke test for scripts/bench.py: the benchmark runs end to end and reports every number.
+"""Smoke test for scripts/bench.py: the benchmark runs end to end against the real addon
+(addon/aistats.py on the measured side, scripts/passthrough.py as the floor), reports every
+number, and proves the addon recorded every request it sent; a measured side that logs no
+records makes it fail.
 
-Floor against floor (scripts/passthrough.py on both sides), so it needs no addon/aistats.py.
 No timing assertions: this VM is far too noisy for them; the benchmark itself shows the noise.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "bench.py"
 PASSTHROUGH = ROOT / "scripts" / "passthrough.py"
+AISTATS = ROOT / "addon" / "aistats.py"
 
 MEASURED = [
     "paced.cpu_us_per_event", "paced.lat_p50_ms", "paced.lat_p90_ms", "paced.lat_p99_ms",
@@ -24,19 +30,33 @@ MEASURED = [
     "json.cpu_us_per_request", "json.requests_per_s", "ttfb.ttfb_p50_ms", "ttfb.ttfb_p90_ms",
     "memory.kb_per_open_stream", "memory.rss_idle_mb",
 ]
+QUICK = ["--quick", "--repeats", "1", "--max-wait-quiet", "0"]
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(BENCH), *QUICK, *args],
+                          capture_output=True, text=True, timeout=90, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One quick run with the defaults: aistats measured against the floor."""
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--repeats", "1", "--addon", str(PASSTHROUGH),
-         "--max-wait-quiet", "0", "--json", str(out)],
-        capture_output=True, text=True, timeout=90, cwd=ROOT,
-    )
+    proc = run_bench("--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "paced SSE: mitmdump CPU" in proc.stdout  # the human-readable table
+    assert "records logged by the aistats side" in proc.stdout
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    """scripts/bench.py as a module, for its argument parsing (scripts/ is no package)."""
+    spec = importlib.util.spec_from_file_location("bench_under_test", BENCH)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.mark.timeout(100)
@@ -67,4 +87,48 @@ def test_runs_alternate_and_count_the_work(report: dict) -> None:
         assert m["unpaced"]["events"] == cfg["unpaced_clients"] * cfg["unpaced_streams"] * (cfg["unpaced_events"] + 3)
         assert m["paced"]["events"] >= cfg["paced_clients"] * cfg["paced_streams"] * cfg["paced_events"]
         assert m["env"]["foreign_cores"] >= 0
-    assert report["meta"]["repeats"] == 1 and report["meta"]["quick"] is True
+    meta = report["meta"]
+    assert meta["repeats"] == 1 and meta["quick"] is True
+    assert Path(meta["addon"]).resolve() == AISTATS and meta["expect_records"] is True
+
+
+@pytest.mark.timeout(100)
+def test_measured_side_logged_one_record_per_request_sent(report: dict) -> None:
+    floor, measured = report["runs"]
+    cfg = report["config"]
+    # at least the measured phases' requests (warmup comes on top); both sides get the same work
+    at_least = (cfg["json_clients"] * cfg["json_requests"] + cfg["unpaced_clients"] * cfg["unpaced_streams"]
+                + cfg["paced_clients"] * cfg["paced_streams"] + cfg["ttfb_requests"] + cfg["open_streams"])
+    assert measured["requests_sent"] >= at_least
+    assert measured["requests_sent"] == floor["requests_sent"]
+    assert measured["requests_sent_by_mode"] == floor["requests_sent_by_mode"]
+    assert "records" not in floor  # the floor writes no aistats log
+    rec = measured["records"]
+    assert rec["records"] == measured["requests_sent"]
+    assert rec["sse"] == measured["requests_sent_by_mode"]["sse"]
+    assert rec["json"] == measured["requests_sent_by_mode"]["json"]
+    assert rec["with_usage"] == rec["records"]  # real records: every bench response has usage
+
+
+@pytest.mark.timeout(100)
+def test_fails_when_the_measured_addon_logs_no_records(tmp_path: Path) -> None:
+    """A measured script other than the floor is checked by default; one that writes no
+    aistats log (here the floor under another name) must fail the run, saying both numbers."""
+    silent = tmp_path / "silent_addon.py"
+    shutil.copy(PASSTHROUGH, silent)
+    out = tmp_path / "bench.json"
+    proc = run_bench("--addon", str(silent), "--json", str(out))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if "records check failed" in ln]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert " logged 0 records for " in lines[0] and " requests sent " in lines[0], lines[0]
+    assert not out.exists()  # no report for a run that did not measure the addon
+
+
+def test_expect_records_defaults(bench: ModuleType) -> None:
+    assert bench.parse_args([]).expect_records is True
+    assert bench.parse_args(["--addon", str(PASSTHROUGH)]).expect_records is False  # floor vs floor
+    assert bench.parse_args(["--addon", str(PASSTHROUGH), "--expect-records"]).expect_records is True
+    assert bench.parse_args(["--no-expect-records"]).expect_records is False
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--set", "aistats_log=x.jsonl"])  # bench chooses the log it counts

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import struct
+import zlib
 
 import pytest
 
@@ -33,7 +35,7 @@ def observe(api, ctype, enc, chunks):
 def test_every_split_point_same_result(name):
     api, ctype, enc, body = STREAMS[name]
     want = observe(api, ctype, enc, [body])
-    assert want[0].parse_errors == []
+    assert want[0].details == []
     assert want[1] > 0
     for i in range(1, len(body)):
         assert observe(api, ctype, enc, [body[:i], body[i:]]) == want, f"split at {i}"
@@ -86,17 +88,21 @@ def test_ndjson_framer():
     assert [e[1] for e in f.feed(b':2}\r\n')] == [b'{"b":2}']
 
 
-def _aws_frame(event_type: str, payload: bytes) -> bytes:
-    import struct
-    import zlib
-    name = b":event-type"
-    value = event_type.encode()
-    headers = bytes([len(name)]) + name + b"\x07" + struct.pack(">H", len(value)) + value
+def _aws_raw(headers: bytes, payload: bytes) -> bytes:
+    """A frame with correct lengths and CRCs around whatever header block is given."""
     total = 12 + len(headers) + len(payload) + 4
     prelude = struct.pack(">II", total, len(headers))
     prelude += struct.pack(">I", zlib.crc32(prelude))
     msg = prelude + headers + payload
     return msg + struct.pack(">I", zlib.crc32(msg))
+
+
+def _aws_string_header(name: bytes, value: bytes) -> bytes:
+    return bytes([len(name)]) + name + b"\x07" + struct.pack(">H", len(value)) + value
+
+
+def _aws_frame(event_type: str, payload: bytes) -> bytes:
+    return _aws_raw(_aws_string_header(b":event-type", event_type.encode()), payload)
 
 
 def test_aws_event_stream_frames_and_converse_usage():
@@ -109,9 +115,9 @@ def test_aws_event_stream_frames_and_converse_usage():
         for i in range(0, len(body), step):
             obs.feed(body[i:i + step], 0.01)
         p = obs.finish(complete=True)
-        assert (p.input_tokens, p.output_tokens, p.cached_tokens, p.finish_reason) == (8, 2, 3, "end_turn")
+        assert (p.usage.input, p.usage.output, p.usage.cached, p.finish_reason) == (8, 2, 3, "end_turn")
         assert obs.timing().content_events == 1
-        assert p.parse_errors == []
+        assert p.details == []
 
 
 def test_framer_for_content_types():
@@ -144,7 +150,145 @@ def test_batched_reading_times_events_like_chunk_by_chunk(name, drain_bytes, mon
                 if scheduled:
                     scheduled = obs.drain(limit=drain_bytes * 2)
             parsed = obs.finish(complete=True)
-            parsed.parse_errors = [e for e in parsed.parse_errors if "not saved" not in e]
+            parsed.problems = [p for p in parsed.problems if "not saved" not in p.detail]
             results.append((parsed, obs.timing()))
         for other in results[1:]:
             assert other == results[0]
+
+
+AWS_OK = _aws_frame("contentBlockDelta", b'{"delta":{"text":"ok"}}')
+
+
+def _aws_events(framer: AWSEventStreamFramer, body: bytes, step: int) -> list:
+    return [e for i in range(0, len(body), step) for e in framer.feed(body[i:i + step])]
+
+
+@pytest.mark.parametrize("headers", [
+    b"\x40:event-type",  # name length points past the end
+    b"\x0b:event-type",  # no type byte after the name
+    _aws_string_header(b":event-type", b"xy")[:-1],  # string value runs past the end
+    b"\x0b:event-type\x07\x00",  # half a value length
+    b"\x0b:event-type\x0c\x00\x00",  # unknown header type
+    b"\x02:a\x09" + bytes(15),  # uuid one byte short
+])
+def test_aws_malformed_header_block_skips_that_frame_only(headers):
+    body = _aws_raw(headers, b'{"x":1}') + AWS_OK
+    for step in (len(body), 5, 1):
+        f = AWSEventStreamFramer()
+        assert _aws_events(f, body, step) == [("contentBlockDelta", b'{"delta":{"text":"ok"}}')]
+        assert f.bad_frames == 1 and f.pending() == b""
+
+
+def test_aws_all_header_types_are_skipped_by_size():
+    headers = (b"\x01a\x00" + b"\x01b\x01" + b"\x01c\x02x" + b"\x01d\x03xx" + b"\x01e\x04" + bytes(4)
+               + b"\x01f\x05" + bytes(8) + b"\x01g\x06\x00\x02hi" + b"\x01h\x08" + bytes(8)
+               + b"\x01i\x09" + bytes(16) + _aws_string_header(b":exception-type", b"throttlingException"))
+    f = AWSEventStreamFramer()
+    assert f.feed(_aws_raw(headers, b"{}")) == [("throttlingException", b"{}")]
+    assert f.bad_frames == 0
+
+
+def test_aws_headers_longer_than_the_frame_skip_that_frame_only():
+    frame = bytearray(_aws_frame("messageStart", b"{}"))
+    frame[4:8] = struct.pack(">I", len(frame))  # header length past the message CRC
+    frame[8:12] = struct.pack(">I", zlib.crc32(frame[:8]))
+    frame[-4:] = struct.pack(">I", zlib.crc32(frame[:-4]))
+    f = AWSEventStreamFramer()
+    assert [e[0] for e in f.feed(bytes(frame) + AWS_OK)] == ["contentBlockDelta"]
+    assert f.bad_frames == 1
+
+
+def test_aws_bad_message_crc_skips_that_frame_and_reads_the_next():
+    bad = bytearray(_aws_frame("messageStart", b'{"role":"assistant"}'))
+    bad[-6] ^= 0x01  # a payload byte: prelude still fine, message CRC not
+    body = bytes(bad) + AWS_OK + AWS_OK
+    for step in (len(body), 3, 1):
+        f = AWSEventStreamFramer()
+        assert [e[0] for e in _aws_events(f, body, step)] == ["contentBlockDelta"] * 2
+        assert f.bad_frames == 1
+
+
+def test_aws_bad_prelude_drops_the_buffer():
+    bad = bytearray(AWS_OK)
+    bad[1] ^= 0x01  # total length, so the prelude CRC fails: no way to find the next frame
+    f = AWSEventStreamFramer()
+    assert f.feed(bytes(bad) + AWS_OK) == []
+    assert f.bad_frames == 1 and f.pending() == b""
+
+
+def test_aws_absurd_length_is_dropped_not_buffered():
+    f = AWSEventStreamFramer(max_event=1000)
+    big = _aws_frame("x", b"a" * 2000)
+    assert f.feed(big[:500]) == [] and f.pending() == b""
+    assert f.bad_frames == 1
+
+
+def test_aws_truncated_prelude_waits_then_reads():
+    f = AWSEventStreamFramer()
+    assert f.feed(AWS_OK[:11]) == [] and f.pending() == AWS_OK[:11]
+    assert f.feed(AWS_OK[11:20]) == [] and f.pending() == AWS_OK[:20]
+    assert [e[0] for e in f.feed(AWS_OK[20:])] == ["contentBlockDelta"]
+    f = AWSEventStreamFramer()
+    f.feed(AWS_OK[:7])
+    assert f.close() == [] and f.pending() == AWS_OK[:7]  # a stream that ended mid-prelude
+    assert f.bad_frames == 0
+
+
+def _aws_fuzz_body(rng: random.Random) -> bytes:
+    frames = [_aws_frame(rng.choice(["messageStart", "contentBlockDelta", "metadata"]),
+                         rng.randbytes(rng.randrange(0, 40))) for _ in range(rng.randrange(1, 5))]
+    return b"".join(frames)
+
+
+def _aws_feed_fuzzed(body: bytes, rng: random.Random, max_event: int) -> None:
+    f = AWSEventStreamFramer(max_event=max_event)
+    i = 0
+    while i < len(body):
+        n = rng.randrange(1, 64)
+        for name, payload in f.feed(body[i:i + n]):
+            assert name is None or isinstance(name, str)
+            assert isinstance(payload, bytes)
+        assert len(f.pending()) <= max(max_event, 11)
+        i += n
+    f.close()
+
+
+def test_aws_fuzz_random_bytes_and_mutations_never_raise():
+    rng = random.Random(2024)
+    for _ in range(2000):
+        max_event = rng.choice([64, 4 << 20])
+        _aws_feed_fuzzed(rng.randbytes(rng.randrange(0, 300)), rng, max_event)
+        body = bytearray(_aws_fuzz_body(rng))
+        for _ in range(rng.randrange(1, 4)):
+            op = rng.randrange(3)
+            pos = rng.randrange(len(body))
+            if op == 0:
+                body[pos] = rng.randrange(256)
+            elif op == 1:
+                del body[pos:pos + rng.randrange(1, 8)]
+            else:
+                body[pos:pos] = rng.randbytes(rng.randrange(1, 8))
+        _aws_feed_fuzzed(bytes(body), rng, max_event)
+
+
+def test_aws_fuzz_header_blocks_with_valid_crcs_never_raise():
+    """Random header blocks behind correct CRCs: only the header parser stands between them
+    and an exception."""
+    rng = random.Random(77)
+    good = _aws_string_header(b":event-type", b"metadata")
+    for _ in range(3000):
+        headers = bytearray(good + rng.choice([b"", good]))
+        for _ in range(rng.randrange(1, 4)):
+            if not headers:
+                break
+            pos = rng.randrange(len(headers))
+            if rng.random() < 0.7:
+                headers[pos] = rng.randrange(256)
+            else:
+                del headers[pos:]
+        if rng.random() < 0.3:
+            headers = bytearray(rng.randbytes(rng.randrange(0, 40)))
+        f = AWSEventStreamFramer()
+        evs = f.feed(_aws_raw(bytes(headers), b"{}") + AWS_OK)
+        assert evs[-1][0] == "contentBlockDelta"  # the next frame is always read
+        assert len(evs) + f.bad_frames == 2

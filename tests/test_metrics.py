@@ -31,7 +31,12 @@ from aistats_engine.outputs.metrics import (  # noqa: E402
     Metrics,
     MetricsConfig,
 )
-from aistats_engine.outputs.metrics_server import MetricsServer, render, wants_openmetrics  # noqa: E402
+from aistats_engine.outputs.metrics_server import (  # noqa: E402
+    MAX_CONNECTIONS,
+    MetricsServer,
+    render,
+    wants_openmetrics,
+)
 from aistats_engine.record.record import Record  # noqa: E402
 
 ACCEPTANCE = Path(__file__).resolve().parents[2] / "shared" / "acceptance" / "higress_cases.json"
@@ -209,8 +214,24 @@ def test_consumer_label_is_opt_in() -> None:
 def test_config_rejects_unsorted_buckets() -> None:
     with pytest.raises(ValueError, match="duration_buckets"):
         MetricsConfig(duration_buckets=[1.0, 0.5])
+    with pytest.raises(ValueError, match="token_buckets"):
+        MetricsConfig(token_buckets=[])
     cfg = MetricsConfig(duration_buckets=[0.1, 1, 10])
     assert cfg.duration_buckets == (0.1, 1.0, 10.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name", ["duration_buckets", "server_tpot_buckets", "time_per_output_chunk_buckets"])
+def test_config_rejects_non_finite_buckets(name: str, bad: float) -> None:
+    with pytest.raises(ValueError, match=f"{name} must contain finite numbers"):
+        MetricsConfig(**{name: [0.1, bad, 10.0]})
+    with pytest.raises(ValueError, match=name):
+        MetricsConfig(**{name: [0.1, 1.0, bad]})
+
+
+def test_config_rejects_bad_max_series() -> None:
+    with pytest.raises(ValueError, match="max_series"):
+        MetricsConfig(max_series=0)
 
 
 # -- Higress-compatible counters ------------------------------------------------------------------
@@ -349,23 +370,79 @@ def test_tokens_by_type_only_known() -> None:
 
 
 def test_records_parse_errors_cost_in_flight_overhead() -> None:
-    m = Metrics()
-    m.observe(rec(parse_error="response decompression failed: Error -3 while decompressing", cost_usd=0.25))
-    m.observe(rec(parse_error="invalid JSON", usage_source="missing", cost_usd=None))
-    m.parse_error("stream truncated")
+    flights = [0]
+    m = Metrics(inflight=lambda: flights[0])
+    m.observe(rec(parse_error="response decompression failed: Error -3; invalid JSON",
+                  parse_error_kinds=("decompression", "invalid_json"), cost_usd=0.25))
+    m.observe(rec(parse_error="invalid JSON", parse_error_kinds=("invalid_json",), usage_source="missing",
+                  cost_usd=None))
+    m.parse_error("truncated")
     assert value(m, "aistats_records_total", {"usage_source": "reported"}) == 1
     assert value(m, "aistats_records_total", {"usage_source": "missing"}) == 1
-    assert value(m, "aistats_parse_errors_total", {"kind": "response decompression failed"}) == 1
-    assert value(m, "aistats_parse_errors_total", {"kind": "invalid JSON"}) == 1
-    assert value(m, "aistats_parse_errors_total", {"kind": "stream truncated"}) == 1
+    assert value(m, "aistats_parse_errors_total", {"kind": "decompression"}) == 1
+    assert value(m, "aistats_parse_errors_total", {"kind": "invalid_json"}) == 2
+    assert value(m, "aistats_parse_errors_total", {"kind": "truncated"}) == 1
     assert total(m, "aistats_cost_usd_total") == pytest.approx(0.25)
-    m.request_started()
-    m.request_started()
-    m.request_finished()
-    assert value(m, "aistats_requests_in_flight") == 1
+    assert value(m, "aistats_requests_in_flight") == 0
+    flights[0] = 3  # read at scrape time, from whoever owns the count
+    assert value(m, "aistats_requests_in_flight") == 3
+    assert value(Metrics(), "aistats_requests_in_flight") == 0
+    assert value(m, "aistats_overhead_seconds_total") == 0  # present before the first hook
     m.add_overhead(0.002)
     m.add_overhead(0.003)
     assert value(m, "aistats_overhead_seconds_total") == pytest.approx(0.005)
+
+
+def test_parse_errors_come_from_the_kinds_once_per_kind() -> None:
+    m = Metrics()
+    m.observe(rec(parse_error="bad; bad again; cut", parse_error_kinds=("invalid_json", "invalid_json", "truncated")))
+    m.observe(rec(parse_error="free text: not split any more"))  # no kinds: nothing to count
+    got = {s["kind"]: v for s, v in ((s.labels, s.value) for f in m.registry.collect() for s in f.samples
+                                       if s.name == "aistats_parse_errors_total")}
+    assert got == {"invalid_json": 1, "truncated": 1}
+
+
+def test_parse_error_kind_label_is_guarded() -> None:
+    m = Metrics(MetricsConfig(label_limits={"parse_error_kind": 1}))
+    m.observe(rec(parse_error="x", parse_error_kinds=("invalid_json", "truncated")))
+    assert {s["kind"] for s in series(m, "aistats_parse_errors_total")} == {"invalid_json", OTHER}
+    assert value(m, "aistats_label_overflow_total", {"label": "parse_error_kind"}) == 1
+
+
+def test_output_dropped_counts_and_is_thread_safe() -> None:
+    m = Metrics()
+    assert series(m, "aistats_output_dropped_records_total") == []  # declared, no series yet
+    assert "# TYPE aistats_output_dropped_records_total counter" in text(m)
+    m.output_dropped("log", 2)
+    m.output_dropped("log", 0)  # nothing lost, nothing counted
+
+    def drop() -> None:
+        for _ in range(1_000):
+            m.output_dropped("log", 1)
+            m.output_dropped("otlp", 1)
+
+    threads = [threading.Thread(target=drop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(500):  # the event loop keeps observing meanwhile
+        m.observe(rec(id=i, duration_ms=1.0))
+    for t in threads:
+        t.join()
+    assert value(m, "aistats_output_dropped_records_total", {"output": "log"}) == 4_002
+    assert value(m, "aistats_output_dropped_records_total", {"output": "otlp"}) == 4_000
+    assert "Records an output could not keep" in text(m)
+
+
+def test_custom_collector_has_no_created_samples() -> None:
+    """Every series but the guard's overflow counter comes from the custom collector, which
+    emits no _created samples (Prometheus does not need them)."""
+    m = Metrics()
+    m.observe(rec(duration_ms=10.0, input_tokens=1, stream=True, ttft_ms=1.0, content_offsets_ms=[1.0, 2.0]))
+    m.guard("model", "x")
+    om = text(m, OM_ACCEPT)
+    assert "# TYPE gen_ai_client_operation_duration_seconds histogram" in om
+    created = [line for line in om.splitlines() if "_created" in line]
+    assert created == [] or all(line.startswith(("aistats_label_overflow", "# ")) for line in created)
 
 
 # -- cardinality guard ---------------------------------------------------------------------------------
@@ -541,31 +618,190 @@ def test_server_stop_is_fast_and_releases_the_port() -> None:
     server.stop()  # idempotent
 
 
+def _wait(cond: Any, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+def test_server_caps_connections_without_threads(served: Any) -> None:
+    _, server = served
+    threads_before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(MAX_CONNECTIONS + 1)]
+    try:
+        assert _wait(lambda: server.open_connections == MAX_CONNECTIONS)
+        # the one past the cap got 503 and was closed, without a thread of its own
+        extra = idle[-1]
+        reply = b""
+        while chunk := extra.recv(4096):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 503 ") and b"Connection: close" in reply
+        assert threading.active_count() - threads_before <= MAX_CONNECTIONS
+        # a real scrape is answered at once (503 while all slots are held), not after a timeout
+        t0 = time.perf_counter()
+        status, _, body = _get(server.port, "/metrics")
+        assert status == 503 and body == "too many connections\n"
+        assert time.perf_counter() - t0 < 1.0
+        assert threading.active_count() - threads_before <= MAX_CONNECTIONS
+    finally:
+        for sock in idle:
+            sock.close()
+    # slots come back as soon as the clients go
+    assert _wait(lambda: server.open_connections == 0)
+    assert _get(server.port, "/metrics")[0] == 200
+    assert _wait(lambda: threading.active_count() <= threads_before)
+
+
+def test_server_closes_connections_that_outlive_their_deadline() -> None:
+    server = MetricsServer(CollectorRegistry(), port=0, max_connections=2, max_connection_seconds=0.3)
+    server.start()
+    try:
+        slow = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        t0 = time.perf_counter()
+        closed = False
+        for ch in b"GET /metrics HTTP/1.1\r\n":  # trickles, each byte well inside the 10 s timeout
+            try:
+                slow.sendall(bytes([ch]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.05)
+            if time.perf_counter() - t0 > 0.6:
+                break
+        if not closed:
+            slow.settimeout(2)
+            try:
+                assert slow.recv(100) == b""
+            except ConnectionResetError:
+                pass
+        assert time.perf_counter() - t0 < 2.0
+        slow.close()
+        assert _wait(lambda: server.open_connections == 0)
+        assert _get(server.port, "/healthz")[0] == 200
+    finally:
+        server.stop()
+
+
+def test_server_stop_is_fast_with_stalled_clients() -> None:
+    server = MetricsServer(CollectorRegistry(), port=0)
+    server.start()
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(3)]
+    try:
+        assert _wait(lambda: server.open_connections == 3)
+        t0 = time.perf_counter()
+        server.stop()
+        assert time.perf_counter() - t0 < 0.2
+        for sock in idle:  # their connections were shut down, so their threads end
+            try:
+                assert sock.recv(10) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_server_rejects_bad_limits() -> None:
+    with pytest.raises(ValueError):
+        MetricsServer(CollectorRegistry(), max_connections=0)
+
+
+def _reference(values: list[float], buckets: tuple[float, ...]) -> dict[str, float]:
+    """prometheus_client's own Histogram as the oracle for bucket placement."""
+    from prometheus_client import Histogram
+
+    reg = CollectorRegistry()
+    h = Histogram("h", "", buckets=buckets, registry=reg)
+    for v in values:
+        h.observe(v)
+    return {s.name[1:] + s.labels.get("le", ""): s.value for f in reg.collect() for s in f.samples
+            if not s.name.endswith("_created")}  # "_bucket0.01", ..., "_count", "_sum"
+
+
+def _ours(m: Metrics, name: str, labels: dict[str, str]) -> dict[str, float]:
+    return {s.name[len(name) :] + s.labels.get("le", ""): s.value for f in m.registry.collect()
+            for s in f.samples if f.name == name and s.labels.items() >= labels.items()}
+
+
 def test_bulk_chunk_observation_matches_one_by_one() -> None:
     """Per-chunk gaps are bucketed in bulk; the histogram must equal one observe() per gap,
     boundary values included."""
-    import random
-
-    from prometheus_client import CollectorRegistry, Histogram
-
-    from aistats_engine.outputs.metrics import DURATION_BUCKETS, Metrics
-
     rng = random.Random(3)
     gaps_ms = [b * 1000 for b in DURATION_BUCKETS] + [rng.uniform(0, 200_000) for _ in range(500)] + [0.0]
+    rng.shuffle(gaps_ms)
     offsets = [0.0]
     for g in gaps_ms:
         offsets.append(offsets[-1] + g)
-    reg = CollectorRegistry()
-    bulk = Histogram("bulk", "", buckets=DURATION_BUCKETS, registry=reg)
-    single = Histogram("single", "", buckets=DURATION_BUCKETS, registry=reg)
-    Metrics._observe_chunks(bulk, offsets, None)
-    for a, b in zip(offsets, offsets[1:]):
-        single.observe(max(b - a, 0.0) / 1000.0)
-    def samples(name):
-        return {(s.name.replace(name, ""), tuple(sorted(s.labels.items()))): s.value
-                for m in reg.collect() if m.name == name for s in m.samples
-                if not s.name.endswith("_created")}
-    got, want = samples("bulk"), samples("single")
+    offsets.insert(100, offsets[99] - 5.0)  # a clock step back: a negative gap counts as 0
+    m = Metrics()
+    m.observe(rec(stream=True, ttft_ms=0.0, content_offsets_ms=offsets))
+    name = "gen_ai_client_operation_time_per_output_chunk_seconds"
+    got = _ours(m, name, OK)
+    want = _reference([max(b - a, 0.0) / 1000.0 for a, b in zip(offsets, offsets[1:])], DURATION_BUCKETS)
     assert got.keys() == want.keys()
-    for k in want:
-        assert abs(got[k] - want[k]) < 1e-6 * max(1.0, abs(want[k])), k
+    for k, v in want.items():
+        assert abs(got[k] - v) < 1e-6 * max(1.0, abs(v)), k
+    # exactly one exemplar, on the largest gap's bucket
+    om = text(m, OM_ACCEPT)
+    assert len(re.findall(rf"^{name}_bucket.* # ", om, re.MULTILINE)) == 1
+    largest = max(b - a for a, b in zip(offsets, offsets[1:])) / 1000.0
+    assert re.search(rf'^{name}_bucket{{[^}}]*le="\+Inf"[^}}]*}} \S+ # {{record_id="42"}} {largest}', om, re.MULTILINE)
+
+
+def test_single_observations_match_prometheus_client() -> None:
+    """Bucket i counts values <= bound i, cumulative, with _count and _sum, as Histogram does."""
+    rng = random.Random(5)
+    values = list(DURATION_BUCKETS) + [rng.uniform(0, 100) for _ in range(300)] + [0.0, 1e9]
+    m = Metrics(MetricsConfig(higress_metrics=False))
+    for i, v in enumerate(values):
+        m.observe(rec(id=i, duration_ms=v * 1000.0))
+    got = _ours(m, "gen_ai_client_operation_duration_seconds", OK)
+    want = _reference([v * 1000.0 / 1000.0 for v in values], DURATION_BUCKETS)
+    assert len(got) == len(want) == len(DURATION_BUCKETS) + 3
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v), k
+
+
+# -- series bound -------------------------------------------------------------------------------------
+
+
+def test_series_bound_folds_new_label_tuples_into_other() -> None:
+    cfg = MetricsConfig(max_series=3, label_limits={"model": 1000, "consumer": 1000})
+    m = Metrics(cfg)
+    for i in range(10):
+        m.observe(rec(id=i, model=f"m{i}", response_model=f"m{i}", input_tokens=1, output_tokens=2,
+                      total_tokens=3, duration_ms=100.0, consumer=f"c{i}"))
+    duration = series(m, "gen_ai_client_operation_duration_seconds_count")
+    assert len(duration) == 4  # three admitted, one folded
+    folded = {k: OTHER for k in OK}
+    assert value(m, "gen_ai_client_operation_duration_seconds_count", folded) == 7
+    # fixed-vocabulary labels survive the fold: input and output tokens stay apart
+    tokens = series(m, "gen_ai_client_token_usage_count")
+    assert {(s["gen_ai_request_model"], s["gen_ai_token_type"]) for s in tokens} == {
+        ("m0", "input"), ("m0", "output"), ("m1", "input"), (OTHER, "input"), (OTHER, "output")}
+    assert value(m, "gen_ai_client_token_usage_sum",
+                 {**{k: OTHER for k in BASE}, "gen_ai_token_type": "output"}) == 9 * 2  # m1..m9
+    # Higress and own counters are bounded too
+    higress = series(m, HIGRESS_PREFIX + "llm_duration_count")
+    assert len(higress) == 4 and {"ai_route": OTHER, "ai_cluster": OTHER, "ai_model": OTHER,
+                                  "ai_consumer": OTHER} in higress
+    assert len(series(m, "aistats_cost_usd_total")) == 0
+    assert {s["model"] for s in series(m, "aistats_requests_total")} == {"m0", "m1", "m2", OTHER}
+    types = {s["type"] for s in series(m, "aistats_tokens_total") if s["model"] == OTHER}
+    assert types == {"input", "output"}
+    assert value(m, "aistats_label_overflow_total", {"label": "series"}) > 0
+    assert value(m, "aistats_label_overflow_total", {"label": "model"}) is None  # the guard admitted all
+    # admitted series keep counting under their own labels
+    m.observe(rec(id=99, model="m0", response_model="m0", duration_ms=100.0, consumer="c0"))
+    assert value(m, "gen_ai_client_operation_duration_seconds_count", {**OK, "gen_ai_request_model": "m0",
+                                                                       "gen_ai_response_model": "m0"}) == 2
+
+
+def test_series_bound_default_keeps_the_flood_test_numbers() -> None:
+    assert MetricsConfig().max_series == 10_000
+
+

@@ -9,8 +9,9 @@ import pytest
 from aistats_engine.wire.decoding import DecodeError, decode_body, decoder_for
 from aistats_engine.wire.framing import framer_for
 from aistats_engine.observer import StreamObserver, parse_body
-from aistats_engine.wire.providers import decide_provider, match_api
-from aistats_engine.wire.readers import read_request
+from aistats_engine.record.providers import decide_provider
+from aistats_engine.wire.formats import match_api
+from aistats_engine.wire.reader import read_request
 from aistats_engine.wire.usage import Usage
 from fixtures import ANTHROPIC, GEMINI, OLLAMA, OPENAI_CHAT, RESPONSES, br, gzip_per_event, zstd
 
@@ -26,7 +27,8 @@ def body(api, obj, enc=None):
 
 
 def usage_of(p):
-    return (p.input_tokens, p.output_tokens, p.cached_tokens, p.cache_creation_tokens, p.reasoning_tokens)
+    u = p.usage
+    return (u.input, u.output, u.cached, u.cache_creation, u.reasoning)
 
 
 def test_openai_chat_stream():
@@ -60,9 +62,9 @@ def test_gemini_stream_cumulative_usage_with_thoughts():
 def test_ollama_ndjson_counts_and_speeds():
     p, t = stream("ollama_chat", OLLAMA, "application/x-ndjson")
     assert usage_of(p)[:2] == (26, 2)
-    assert p.prompt_per_second == pytest.approx(200.0)
-    assert p.tokens_per_second == pytest.approx(20.0)
-    assert p.server_duration_ms == pytest.approx(2000.0)
+    assert p.speeds.prompt_per_second == pytest.approx(200.0)
+    assert p.speeds.tokens_per_second == pytest.approx(20.0)
+    assert p.speeds.server_duration_ms == pytest.approx(2000.0)
     assert (p.finish_reason, t.content_events) == ("stop", 2)
 
 
@@ -70,7 +72,7 @@ def test_compressed_streams_gzip_br_zstd():
     for enc, data in (("gzip", gzip_per_event(OPENAI_CHAT)), ("br", br(OPENAI_CHAT)), ("zstd", zstd(OPENAI_CHAT))):
         p, t = stream("chat_completions", data, enc=enc)
         assert usage_of(p) == (12, 3, 4, None, 1), enc
-        assert p.parse_errors == []
+        assert p.details == []
 
 
 def test_chat_stream_without_include_usage_is_missing_not_zero():
@@ -84,7 +86,7 @@ def test_stream_error_event_and_truncation():
     p, _ = stream("messages", b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n')
     assert (p.stream_error, p.stream_error_type) == ("Overloaded", "overloaded_error")
     p, _ = stream("chat_completions", b'data: {"choices":[{"delta":{"content":"x"}}]}\n\ndata: {"choi', complete=False)
-    assert p.parse_errors == ["stream truncated"]
+    assert p.details == ["stream truncated"]
     p, _ = stream("responses", b'data: {"type":"response.failed","response":{"id":"r","status":"failed","error":{"code":"server_error","message":"boom"}}}\n\n')
     assert (p.stream_error, p.stream_error_type) == ("boom", "server_error")
 
@@ -111,11 +113,11 @@ def test_bodies_each_format():
 
 
 def test_body_errors_are_marked():
-    assert parse_body("chat_completions", b"", None).parse_errors == ["empty response body"]
-    assert parse_body("chat_completions", b"nope", None).parse_errors == ["invalid JSON"]
-    assert parse_body("chat_completions", b"xx", "gzip").parse_errors[0].startswith("response decompression failed: ")
-    assert parse_body("chat_completions", b"{}", "compress").parse_errors[0].startswith("response decompression failed: ")
-    assert parse_body("chat_completions", b"x" * 100, None, max_body=10).parse_errors == ["response body over 10 bytes, not read"]
+    assert parse_body("chat_completions", b"", None).details == ["empty response body"]
+    assert parse_body("chat_completions", b"nope", None).details == ["invalid JSON"]
+    assert parse_body("chat_completions", b"xx", "gzip").details[0].startswith("response decompression failed: ")
+    assert parse_body("chat_completions", b"{}", "compress").details[0].startswith("response decompression failed: ")
+    assert parse_body("chat_completions", b"x" * 100, None, max_body=10).details == ["response body over 10 bytes, not read"]
 
 
 def test_decoders_deflate_both_forms_and_chains():
@@ -141,7 +143,7 @@ def test_request_reading():
     assert (r.model, r.stream, r.chat_round) == ("m", True, 2)
     assert read_request(b'{"contents":[{"parts":[{"text":"x"}]}]}').chat_round == 1
     assert read_request(b'{"model":"m","input":"hi"}').chat_round == 1
-    assert read_request(b"not json").invalid_json
+    assert read_request(b"not json").problem.kind == "invalid_request"
 
 
 @pytest.mark.parametrize("path,api,model,stream", [
@@ -202,7 +204,7 @@ def _all_streams():
         b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":6},"metrics":{"mean_itl_ms":10}}\n\n')
     for case in load_cases("llama_swap_cases.json"):
         if "event-stream" in case["response"]["headers"].get("Content-Type", ""):
-            from aistats_engine.wire.providers import match_api
+            from aistats_engine.wire.formats import match_api
             yield match_api("POST", case["request"]["path"]).api, case["response"]["body"].encode()
 
 

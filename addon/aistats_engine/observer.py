@@ -1,14 +1,14 @@
-"""Per-response parsing: the live stream observer and the whole-body parser.
+"""Per-response reading: the live stream observer and the whole-body parser.
 
 Both end in a ``Parsed``: everything the response body told us, in plain types, so it can be
 stored in ``flow.metadata`` when the body itself cannot be (a capped stream). The live observer
 also keeps the chunk clock (``StreamTiming``), which offline replay cannot recompute and so
-reads back from the flow's metadata.
+reads back from the flow's metadata. What could not be read becomes a ``Problem`` (a fixed kind
+and its text), never an exception: the request still gets its record.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -17,10 +17,15 @@ from typing import Any
 import orjson
 
 from .record import errors
-from .wire.decoding import DecodeError, Decoder, decode_body, decoder_for
+from .record.problems import (BODY_TOO_LARGE, DECODED_TOO_LARGE, DECOMPRESSION, EMPTY_BODY,
+                              EVENT_TOO_LARGE, INVALID_FRAME, INVALID_JSON, INVALID_USAGE,
+                              TRUNCATED, Problem)
+from .wire.decoding import DecodedTooLarge, DecodeError, Decoder, decode_body, decoder_for
+from .wire.format import WireFormat
+from .wire.formats import by_api
 from .wire.framing import AWSEventStreamFramer, Framer, NDJSONFramer, SSEFramer
-from .wire.readers import ResponseReader
-from .wire.usage import Resolved, resolve
+from .wire.reader import ResponseState
+from .wire.usage import Speeds, Usage, resolve
 
 DEFAULT_MAX_BODY = 16 << 20
 DEFAULT_MAX_CHUNK_TIMES = 10_000
@@ -29,24 +34,28 @@ DEFAULT_MAX_EVENT = 4 << 20
 # call reads (about 60 events, ~0.1 ms) so other connections wait little for us.
 DRAIN_BYTES = 4 << 10
 DRAIN_LIMIT = 16 << 10
-MIN_DECODED_LIMIT = 128 << 20  # a stream may decode to 8 × max_body, and at least this
+MIN_STREAM_DECODED = 128 << 20  # a stream may decode to 8 × max_body, and at least this
+
+
+def stream_decoded_limit(max_body: int) -> int:
+    """The decoded-size bound of a stream (read incrementally, never held whole). Whole bodies,
+    request and response, are decoded only up to ``max_body``: they are held and parsed."""
+    return max(max_body * 8, MIN_STREAM_DECODED)
+
+
+def _fmt(fmt: WireFormat | str | None) -> WireFormat:
+    if isinstance(fmt, WireFormat):
+        return fmt
+    return by_api(fmt or "chat_completions")
 
 
 @dataclass(slots=True)
 class Parsed:
-    """Body-derived record fields (plain types; round-trips through flow metadata)."""
+    """Body-derived record facts (round-trips through flow metadata as plain types)."""
 
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cached_tokens: int | None = None
-    cache_creation_tokens: int | None = None
-    reasoning_tokens: int | None = None
+    usage: Usage = field(default_factory=Usage)
     usage_source: str = "missing"
-    prompt_per_second: float | None = None
-    tokens_per_second: float | None = None
-    server_duration_ms: float | None = None
-    draft_tokens: int | None = None
-    draft_accepted_tokens: int | None = None
+    speeds: Speeds = field(default_factory=Speeds)
     finish_reason: str | None = None
     response_model: str | None = None
     chat_id: str | None = None
@@ -55,32 +64,48 @@ class Parsed:
     body_error: str | None = None  # provider message in a whole body; used for non-2xx only
     stream_complete: bool = False  # the stream reached its format's end event
     hints: list[str] = field(default_factory=list)
-    parse_errors: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def details(self) -> list[str]:
+        """The problems' texts (what ``parse_error`` joins)."""
+        return [p.detail for p in self.problems]
 
     def to_plain(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in _PARSED_FIELDS}
-        out["hints"], out["parse_errors"] = list(self.hints), list(self.parse_errors)
-        return out
+        u, s = self.usage, self.speeds
+        return {
+            "usage": [u.input, u.output, u.cached, u.cache_creation, u.reasoning, u.invalid],
+            "usage_source": self.usage_source,
+            "speeds": [s.prompt_per_second, s.tokens_per_second, s.server_duration_ms,
+                       s.draft_tokens, s.draft_accepted_tokens],
+            "finish_reason": self.finish_reason, "response_model": self.response_model,
+            "chat_id": self.chat_id, "stream_error": self.stream_error,
+            "stream_error_type": self.stream_error_type, "body_error": self.body_error,
+            "stream_complete": self.stream_complete, "hints": list(self.hints),
+            "problems": [list(p) for p in self.problems],
+        }
 
     @classmethod
     def from_plain(cls, d: dict[str, Any]) -> Parsed:
-        return cls(**{k: v for k, v in d.items() if k in _PARSED_FIELDS})
+        return cls(
+            usage=Usage(*d["usage"]), usage_source=d["usage_source"], speeds=Speeds(*d["speeds"]),
+            finish_reason=d["finish_reason"], response_model=d["response_model"],
+            chat_id=d["chat_id"], stream_error=d["stream_error"],
+            stream_error_type=d["stream_error_type"], body_error=d["body_error"],
+            stream_complete=d["stream_complete"], hints=list(d["hints"]),
+            problems=[Problem(k, t) for k, t in d["problems"]])
 
 
-_PARSED_FIELDS = tuple(f.name for f in dataclasses.fields(Parsed))
-
-
-def _parsed_from(reader: ResponseReader, parse_errors: list[str]) -> Parsed:
-    r: Resolved = resolve(reader.usage, reader.stats)
+def _parsed_from(state: ResponseState, problems: list[Problem]) -> Parsed:
+    usage, source, speeds = resolve(state.usage, state.stats)
+    if usage.invalid:
+        problems.append(Problem(INVALID_USAGE, "invalid token count in usage (negative, "
+                                               "fractional or too large): left out"))
     return Parsed(
-        input_tokens=r.usage.input, output_tokens=r.usage.output, cached_tokens=r.usage.cached,
-        cache_creation_tokens=r.usage.cache_creation, reasoning_tokens=r.usage.reasoning,
-        usage_source=r.source, prompt_per_second=r.prompt_per_second,
-        tokens_per_second=r.tokens_per_second, server_duration_ms=r.server_duration_ms,
-        draft_tokens=r.draft_tokens, draft_accepted_tokens=r.draft_accepted_tokens,
-        finish_reason=reader.finish_reason, response_model=reader.response_model,
-        chat_id=reader.chat_id, stream_error=reader.error, stream_error_type=reader.error_type,
-        hints=sorted(reader.hints), parse_errors=parse_errors, stream_complete=reader.complete,
+        usage=usage, usage_source=source, speeds=speeds, finish_reason=state.finish_reason,
+        response_model=state.response_model, chat_id=state.chat_id,
+        stream_error=state.error, stream_error_type=state.error_type,
+        hints=sorted(state.hints), problems=problems, stream_complete=state.complete,
     )
 
 
@@ -121,19 +146,19 @@ class StreamObserver:
 
     __slots__ = ("reader", "_framer", "_decoder", "_t0", "_buf", "_read_upto", "_chunk_times",
                  "_chunk_ends", "_drain_due", "_max_body", "_max_times", "body_capped",
-                 "_errors", "_decoded_bytes", "_first", "_last", "_times", "_content_events")
+                 "_problems", "_first", "_last", "_times", "_content_events")
 
-    def __init__(self, api: str | None, framer: Framer, content_encoding: str | None,
-                 t_start: float, max_body: int = DEFAULT_MAX_BODY,
+    def __init__(self, fmt: WireFormat | str | None, framer: Framer,
+                 content_encoding: str | None, t_start: float, max_body: int = DEFAULT_MAX_BODY,
                  max_chunk_times: int = DEFAULT_MAX_CHUNK_TIMES) -> None:
-        self.reader = ResponseReader(api)
+        self.reader = ResponseState(_fmt(fmt))
         self._framer: Framer | None = framer
-        self._errors: list[str] = []
+        self._problems: list[Problem] = []
         self._decoder: Decoder | None = None
         try:
-            self._decoder = decoder_for(content_encoding)
+            self._decoder = decoder_for(content_encoding, stream_decoded_limit(max_body))
         except DecodeError as e:
-            self._errors.append(f"response decompression failed: {e}")
+            self._problems.append(_decode_problem(e))
             self._framer = None
         self._t0 = t_start
         self._buf: bytearray | None = bytearray()
@@ -144,7 +169,6 @@ class StreamObserver:
         self._max_body = max_body
         self._max_times = max_chunk_times
         self.body_capped = False
-        self._decoded_bytes = 0
         # The chunk clock, as raw time.time() values; turned into ms offsets once, in timing().
         self._first: float | None = None
         self._last: float | None = None
@@ -253,18 +277,11 @@ class StreamObserver:
         """Decoded bytes, or None after a failure (recorded; reading stops there)."""
         assert self._decoder is not None
         try:
-            out = self._decoder.feed(chunk)
+            return self._decoder.feed(chunk)
         except DecodeError as e:
-            self._errors.append(f"response decompression failed: {e}")
+            self._problems.append(_decode_problem(e))
             self._decoder = None
             return None
-        self._decoded_bytes += len(out)
-        limit = max(self._max_body * 8, MIN_DECODED_LIMIT)  # decompression bomb guard
-        if self._decoded_bytes > limit:
-            self._errors.append(f"decoded stream over {limit} bytes, rest not read")
-            self._decoder = None
-            return None
-        return out
 
     def _parse(self, chunk: bytes, now: float | None) -> None:
         """Decode and frame one chunk."""
@@ -306,46 +323,62 @@ class StreamObserver:
     def finish(self, complete: bool) -> Parsed:
         """End of stream. ``complete`` is False when the stream was cut (abort, disconnect)."""
         self.drain()
-        problems = list(self._errors)
+        problems = self._problems
         framer = self._framer
+        reader = self.reader
+        if complete and self._decoder is not None and framer is not None:
+            try:
+                self._decoder.finish()
+            except DecodeError as e:
+                problems.append(_decode_problem(e))
         if framer is not None:
             if complete:
                 for name, data in framer.close():
-                    if self.reader.on_event(name, data):
+                    if reader.on_event(name, data):
                         self._content_events += 1
             elif framer.pending().strip():
-                problems.append("stream truncated")
+                problems.append(Problem(TRUNCATED, "stream truncated"))
             if framer.oversized:
-                problems.append(f"{framer.oversized} stream event(s) over {framer.max_event} bytes skipped")
+                problems.append(Problem(EVENT_TOO_LARGE, f"{framer.oversized} stream event(s) "
+                                                         f"over {framer.max_event} bytes skipped"))
             if isinstance(framer, AWSEventStreamFramer) and framer.bad_frames:
-                problems.append("invalid AWS event stream frame")
-        if self.reader.invalid_events:
-            problems.append(f"invalid JSON in {self.reader.invalid_events} of "
-                          f"{self.reader.events} stream events")
+                problems.append(Problem(INVALID_FRAME, f"{framer.bad_frames} invalid AWS event "
+                                                       "stream frame(s) skipped"))
+        if reader.invalid_events:
+            problems.append(Problem(INVALID_JSON, f"invalid JSON in {reader.invalid_events} of "
+                                                  f"{reader.events} stream events"))
         if self.body_capped:
-            problems.append(f"stream body over {self._max_body} bytes: not saved to the flow")
-        return _parsed_from(self.reader, problems)
+            problems.append(Problem(BODY_TOO_LARGE, f"stream body over {self._max_body} bytes: "
+                                                    "not saved to the flow"))
+        return _parsed_from(reader, problems)
 
 
-def parse_body(api: str | None, body: bytes | None, content_encoding: str | None,
+def _decode_problem(e: DecodeError) -> Problem:
+    if isinstance(e, DecodedTooLarge):
+        return Problem(DECODED_TOO_LARGE, f"response {e}, rest not read")
+    return Problem(DECOMPRESSION, f"response decompression failed: {e}")
+
+
+def parse_body(fmt: WireFormat | str | None, body: bytes | None, content_encoding: str | None,
                max_body: int = DEFAULT_MAX_BODY) -> Parsed:
-    """A whole (non-streamed) response body."""
-    reader = ResponseReader(api)
+    """A whole (non-streamed) response body, decoded up to ``max_body`` bytes."""
+    state = ResponseState(_fmt(fmt))
     if not body:
-        return _parsed_from(reader, ["empty response body"])
+        return _parsed_from(state, [Problem(EMPTY_BODY, "empty response body")])
     if len(body) > max_body:
-        return _parsed_from(reader, [f"response body over {max_body} bytes, not read"])
+        return _parsed_from(state, [Problem(BODY_TOO_LARGE,
+                                            f"response body over {max_body} bytes, not read")])
     try:
-        data = decode_body(body, content_encoding)
+        data = decode_body(body, content_encoding, max_body)
     except DecodeError as e:
-        return _parsed_from(reader, [f"response decompression failed: {e}"])
+        return _parsed_from(state, [_decode_problem(e)])
     if not data.strip():
-        return _parsed_from(reader, ["empty response body"])
+        return _parsed_from(state, [Problem(EMPTY_BODY, "empty response body")])
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return _parsed_from(reader, ["invalid JSON"])
-    reader.on_body(obj)
-    parsed = _parsed_from(reader, [])
+        return _parsed_from(state, [Problem(INVALID_JSON, "invalid JSON")])
+    state.on_body(obj)
+    parsed = _parsed_from(state, [])
     parsed.body_error = errors.message_from(obj)
     return parsed

@@ -1,12 +1,14 @@
 """The addon's options: names, defaults, help, and parsing into one validated ``Settings``.
 
-mitmproxy reports a failed conversion of an ``int`` option by silently not loading the script,
-so every non-boolean option is declared as a string and parsed here, where a bad value gets one
-line naming the option, the value and the expected form.
+mitmproxy answers a value it cannot convert (``--set aistats_port=abc``, and as much
+``--set aistats_print=maybe`` for a ``bool`` option) by silently not loading the script, so
+every option is declared as a string and parsed here, where a bad value gets one line naming
+the option, the value and the expected form.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,12 +33,9 @@ class SettingsError(ValueError):
 @dataclass(frozen=True, slots=True)
 class OptionSpec:
     name: str
-    default: str | bool
+    default: str
     help: str
-
-    @property
-    def type(self) -> type:
-        return bool if isinstance(self.default, bool) else str
+    type: type = str  # always str: see the module docstring
 
 
 OPTIONS: tuple[OptionSpec, ...] = (
@@ -56,13 +55,13 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "Comma-separated request headers; the first present gives session_id."),
     OptionSpec("aistats_consumer_header", DEFAULT_CONSUMER_HEADER,
                "Request header giving consumer."),
-    OptionSpec("aistats_print", True, "Print a one-line summary per LLM request."),
-    OptionSpec("aistats_metrics", True, "Serve Prometheus metrics."),
+    OptionSpec("aistats_print", "true", "Print a one-line summary per LLM request (true/false)."),
+    OptionSpec("aistats_metrics", "true", "Serve Prometheus metrics (true/false)."),
     OptionSpec("aistats_metrics_host", "127.0.0.1", "Address the metrics endpoint binds to."),
     OptionSpec("aistats_metrics_port", str(DEFAULT_METRICS_PORT),
                "Port of the metrics endpoint (0: any free port, logged at start)."),
-    OptionSpec("aistats_metrics_server_trio", False,
-               "Also export gen_ai_server_* histograms (Envoy AI Gateway dashboards)."),
+    OptionSpec("aistats_metrics_server_trio", "false",
+               "Also export gen_ai_server_* histograms (Envoy AI Gateway dashboards; true/false)."),
     OptionSpec("aistats_metrics_label_limit", str(DEFAULT_LABEL_LIMIT),
                "Distinct values kept per metric label (models, consumers); more become 'other'."),
     OptionSpec("aistats_metrics_duration_buckets", "",
@@ -133,6 +132,19 @@ def _size(name: str, text: object, minimum: int) -> int:
     return value
 
 
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+
+
+def _bool(name: str, text: object) -> bool:
+    word = str(text).strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise SettingsError(name, text, "true or false")
+
+
 def _headers(name: str, text: object, allow_empty: bool) -> tuple[str, ...]:
     names = tuple(h.strip().lower() for h in str(text).split(",") if h.strip())
     if (not names and not allow_empty) or not all(_HEADER.match(h) for h in names):
@@ -148,7 +160,8 @@ def _buckets(name: str, text: object, default: tuple[float, ...]) -> tuple[float
         values = tuple(float(x) for x in str(text).split(","))
     except ValueError:
         raise SettingsError(name, text, form) from None
-    if values[0] <= 0 or any(b <= a for a, b in zip(values, values[1:])):
+    if (not all(math.isfinite(b) for b in values) or values[0] <= 0
+            or any(b <= a for a, b in zip(values, values[1:]))):
         raise SettingsError(name, text, form)
     return values
 
@@ -173,11 +186,11 @@ def parse(values: Mapping[str, object]) -> Settings:
         max_inflight=_int("aistats_max_inflight", v["aistats_max_inflight"], 1),
         session_headers=_headers("aistats_session_headers", v["aistats_session_headers"], True),
         consumer_header=consumer[0],
-        print_summary=bool(v["aistats_print"]),
-        metrics=bool(v["aistats_metrics"]),
+        print_summary=_bool("aistats_print", v["aistats_print"]),
+        metrics=_bool("aistats_metrics", v["aistats_metrics"]),
         metrics_host=host,
         metrics_port=_int("aistats_metrics_port", v["aistats_metrics_port"], 0, 65535),
-        metrics_server_trio=bool(v["aistats_metrics_server_trio"]),
+        metrics_server_trio=_bool("aistats_metrics_server_trio", v["aistats_metrics_server_trio"]),
         metrics_label_limit=_int("aistats_metrics_label_limit",
                                  v["aistats_metrics_label_limit"], 1),
         duration_buckets=_buckets("aistats_metrics_duration_buckets",

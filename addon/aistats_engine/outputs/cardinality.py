@@ -19,12 +19,17 @@ Default limits (:data:`DEFAULT_LIMITS`; any other kind gets ``default_limit`` = 
 
 The empty string (unknown) and ``"other"`` itself are always allowed and not counted. Values
 longer than ``max_length`` (default 128 characters) are cut before admission.
+
+Per-kind limits still allow their product (models × servers × consumers …) as series, so the
+metrics also bound the label tuples per family (``MetricsConfig.max_series``); a tuple folded
+there is counted here too, as ``aistats_label_overflow_total{label="series"}``.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -65,6 +70,7 @@ class LabelGuard:
         self._max_length = max_length
         self._seen: dict[str, set[str]] = {}
         self._lock = threading.Lock()
+        self._overflow_children: dict[str, Any] = {}
         self._overflow = Counter(
             "aistats_label_overflow",
             "Label values replaced by 'other' because the label already had its limit of "
@@ -89,6 +95,11 @@ class LabelGuard:
             value = value[: self._max_length]
         if value == OTHER:
             return value
+        # Admitted values never leave their set: the common case needs no lock (a set lookup is
+        # atomic, and the set only grows).
+        seen = self._seen.get(kind)
+        if seen is not None and value in seen:
+            return value
         with self._lock:
             seen = self._seen.get(kind)
             if seen is None:
@@ -98,5 +109,12 @@ class LabelGuard:
             if len(seen) < self.limit(kind):
                 seen.add(value)
                 return value
-        self._overflow.labels(kind).inc()
+        self.count_overflow(kind)
         return OTHER
+
+    def count_overflow(self, kind: str) -> None:
+        """Count one value of ``kind`` replaced by ``"other"`` (also used for ``"series"``)."""
+        child = self._overflow_children.get(kind)
+        if child is None:  # labels() validates on every call; the child is cached instead
+            child = self._overflow_children.setdefault(kind, self._overflow.labels(kind))
+        child.inc()

@@ -15,6 +15,10 @@ server runs a ``ThreadingHTTPServer`` on a daemon thread, and the registry is re
   series count), and a family with ``prometheus_text_type = "counter"`` is declared ``counter``
   under its own name — how Envoy exposes the Higress counters, which have no ``_total``.
 * ``GET /healthz`` → ``ok``; anything else → 404.
+* At most :data:`MAX_CONNECTIONS` connections are served at once, one thread each; a connection
+  beyond that gets ``503`` from the accept loop and is closed, no thread started. A connection
+  is closed after :data:`MAX_CONNECTION_SECONDS` whatever it does, so a client that trickles
+  bytes (each under the 10 s socket timeout) cannot keep a slot either.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import selectors
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
@@ -37,6 +43,20 @@ from prometheus_client.openmetrics import exposition as openmetrics
 log = logging.getLogger(__name__)
 
 OPENMETRICS = "application/openmetrics-text"
+
+MAX_CONNECTIONS = 32
+"""Connections served at once. Prometheus uses one per scrape (plus a browser or curl now and
+then); the cap keeps a connection flood from starting a thread each."""
+
+MAX_CONNECTION_SECONDS = 30.0
+"""Lifetime of a connection, keep-alive included. The 10 s socket timeout bounds one read, not a
+client sending a byte every 9 s; a scrape's reply is written in milliseconds."""
+
+_BUSY_BODY = b"too many connections\n"
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
 
 
 def wants_openmetrics(accept: str | None) -> bool:
@@ -129,12 +149,98 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # server_close() must not wait for handler threads (a stalled client holds one up to its
+    # timeout); it shuts their connections down instead, so they end on their own at once.
+    block_on_close = False
+    request_queue_size = 64  # listen backlog: a burst past the cap is answered 503, not refused
 
-    def __init__(self, address: tuple[str, int], registry: CollectorRegistry) -> None:
+    def __init__(
+        self, address: tuple[str, int], registry: CollectorRegistry,
+        max_connections: int = MAX_CONNECTIONS, max_connection_seconds: float = MAX_CONNECTION_SECONDS,
+    ) -> None:
         self.registry = registry
+        self.max_connections = max_connections
+        self.max_connection_seconds = max_connection_seconds
+        # Open connections with their deadlines. A socket leaves before it is closed, under the
+        # lock, so reap() never shuts down a closed (or reused) descriptor.
+        self._conns: dict[socket.socket, float] = {}
+        self._conns_lock = threading.Lock()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start a thread for the connection, or answer 503 from here when all slots are taken."""
+        with self._conns_lock:
+            full = len(self._conns) >= self.max_connections
+            if not full:
+                self._conns[request] = time.monotonic() + self.max_connection_seconds
+        if full:
+            self._reject(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread: free the slot here
+            self._release(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self._release(request)
+            self.shutdown_request(request)
+
+    def _release(self, request: Any) -> None:
+        with self._conns_lock:
+            self._conns.pop(request, None)
+
+    def _reject(self, request: socket.socket) -> None:
+        """503 without blocking the accept loop. Whatever the client already sent is read first:
+        closing a socket with unread data sends a reset, which can destroy the reply."""
+        try:
+            request.setblocking(False)
+            request.send(_BUSY)  # a fresh connection's send buffer is empty
+            request.recv(65536)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def reap(self) -> float | None:
+        """Shut down connections past their deadline (their thread then sees EOF and ends);
+        the seconds until the next deadline, or None when no connection is open."""
+        now = time.monotonic()
+        with self._conns_lock:
+            for conn, deadline in self._conns.items():
+                if deadline <= now:
+                    try:
+                        conn.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            pending = [d - now for d in self._conns.values() if d > now]
+            if not self._conns:
+                return None
+        return min(pending, default=1.0)
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self._conns_lock:
+            for conn in self._conns:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    @property
+    def open_connections(self) -> int:
+        with self._conns_lock:
+            return len(self._conns)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The default prints a traceback to stderr; a client hanging up mid-reply is routine.
+        log.debug("metrics connection from %s failed", client_address, exc_info=True)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls socket.getfqdn(), a reverse DNS lookup that can stall
@@ -147,10 +253,17 @@ class _HTTPServer(ThreadingHTTPServer):
 class MetricsServer:
     """Serve ``registry`` on ``http://host:port/metrics`` from a daemon thread."""
 
-    def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 9464) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 9464, *,
+        max_connections: int = MAX_CONNECTIONS, max_connection_seconds: float = MAX_CONNECTION_SECONDS,
+    ) -> None:
+        if max_connections < 1 or not max_connection_seconds > 0:
+            raise ValueError("max_connections and max_connection_seconds must be positive")
         self.registry = registry
         self.host = host
         self._requested_port = port
+        self._max_connections = max_connections
+        self._max_connection_seconds = max_connection_seconds
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._wake: tuple[socket.socket, socket.socket] | None = None
@@ -162,6 +275,11 @@ class MetricsServer:
         return self._httpd.server_port if self._httpd is not None else self._requested_port
 
     @property
+    def open_connections(self) -> int:
+        """Connections being served now (each holds a thread)."""
+        return self._httpd.open_connections if self._httpd is not None else 0
+
+    @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -169,7 +287,10 @@ class MetricsServer:
         """Bind (``OSError`` if the address is in use) and start serving."""
         if self._httpd is not None:
             raise RuntimeError("MetricsServer already started")
-        self._httpd = _HTTPServer((self.host, self._requested_port), self.registry)
+        self._httpd = _HTTPServer(
+            (self.host, self._requested_port), self.registry,
+            self._max_connections, self._max_connection_seconds,
+        )
         self._wake = socket.socketpair()
         self._stopping.clear()
         self._thread = threading.Thread(
@@ -203,10 +324,12 @@ class MetricsServer:
         with selectors.DefaultSelector() as sel:
             sel.register(httpd.socket, selectors.EVENT_READ)
             sel.register(wake[0], selectors.EVENT_READ)
+            timeout: float | None = None
             while not self._stopping.is_set():
-                for key, _ in sel.select():
+                for key, _ in sel.select(timeout):
                     if key.fileobj is httpd.socket and not self._stopping.is_set():
                         try:
                             httpd.handle_request()
                         except Exception:  # keep serving; one bad connection is not fatal
                             log.exception("metrics server request failed")
+                timeout = httpd.reap()

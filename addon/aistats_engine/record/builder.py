@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import errors
-from .clients import client_name
 from ..observer import Parsed, StreamTiming
-from ..wire.providers import ApiMatch, decide_provider
-from ..wire.readers import RequestInfo
+from ..wire.format import Match
+from ..wire.reader import RequestInfo
+from . import errors, problems
+from .clients import client_name
+from .problems import DECOMPRESSION, Problem
+from .providers import decide_provider
 from .record import Record, rfc3339_ms
+from .redact import Redactor
 
 DEFAULT_SESSION_HEADERS = ("x-session-id", "x-litellm-session-id", "x-agent-session",
                            "x-openclaw-session-key", "x-clawdbot-session-key",
@@ -31,6 +34,7 @@ class RequestMeta:
     path: str  # without the query string
     t_start: float
     headers: dict[str, str] = field(default_factory=dict)  # lower-case names, first value
+    secrets: tuple[str, ...] = ()  # credential values the request carried (record/redact.py)
 
 
 @dataclass(slots=True)
@@ -60,7 +64,43 @@ def classify_failure(message: str, has_response: bool) -> str:
         return "client_disconnected"
     if "timeout" in low or "timed out" in low:
         return "timeout"
-    return "upstream_aborted" if has_response else "upstream_unreachable"
+    if has_response:
+        return "upstream_aborted"
+    # It answered, but not with HTTP (mitmproxy: "Cannot parse HTTP response", "unexpected
+    # server response", "HTTP/2 protocol error", "Invalid HTTP/2 response headers").
+    if ("cannot parse http response" in low or "unexpected server response" in low
+            or "protocol error" in low or "invalid http" in low):
+        return "upstream_protocol_error"
+    return "upstream_unreachable"
+
+
+def _outcome(resp: ResponseMeta | None, p: Parsed, failure: Failure | None
+             ) -> tuple[str | None, str | None]:
+    """``(error, error_type)``, decided once: a flow failure (unless the stream had already
+    reached its end event: SDKs close right after ``[DONE]``), a non-2xx status, an error
+    event inside a 2xx stream, or success."""
+    ok = resp is not None and 200 <= resp.status < 300
+    if failure is not None and not (ok and p.stream_complete):
+        return (errors.clip(failure.message) or "flow failed",
+                classify_failure(failure.message, resp is not None))
+    if resp is not None and not ok:
+        return p.stream_error or p.body_error or errors.status_text(resp.status), str(resp.status)
+    if p.stream_error is not None:
+        return p.stream_error, p.stream_error_type or "stream_error"
+    return None, None
+
+
+def exchange_end(req: RequestMeta, resp: ResponseMeta | None, timing: StreamTiming | None,
+                 failure: Failure | None) -> float | None:
+    """End of the exchange as the proxy saw it (epoch seconds): last response byte, else the
+    chunk clock, else the moment mitmproxy reported the failure; None when none is known."""
+    if resp is not None and resp.t_end is not None:
+        return resp.t_end
+    if timing is not None and timing.last_byte_ms is not None:
+        return req.t_start + timing.last_byte_ms / 1000
+    if failure is not None and failure.timestamp is not None:
+        return failure.timestamp
+    return None
 
 
 def _ms(a: float | None, b: float | None) -> float | None:
@@ -72,7 +112,7 @@ def _ms(a: float | None, b: float | None) -> float | None:
 def build_record(
     record_id: int,
     req: RequestMeta,
-    match: ApiMatch,
+    match: Match,
     request_info: RequestInfo,
     resp: ResponseMeta | None,
     parsed: Parsed | None,
@@ -80,16 +120,12 @@ def build_record(
     timing: StreamTiming | None,
     failure: Failure | None,
     attribution: Attribution,
+    extra_problems: tuple[Problem, ...] = (),
 ) -> Record:
     p = parsed or Parsed()
     ok = resp is not None and 200 <= resp.status < 300
-    # End of the exchange as the proxy saw it: last response byte, else the chunk clock,
-    # else the moment mitmproxy reported the failure.
-    end = resp.t_end if resp is not None else None
-    if end is None and timing is not None and timing.last_byte_ms is not None:
-        end = req.t_start + timing.last_byte_ms / 1000
-    if end is None and failure is not None:
-        end = failure.timestamp
+    end = exchange_end(req, resp, timing, failure)
+    error, error_type = _outcome(resp, p, failure)
     rec = Record(
         id=record_id,
         flow_id=req.flow_id,
@@ -110,6 +146,8 @@ def build_record(
         response_model=p.response_model,
         duration_ms=_ms(req.t_start, end),
         ttfb_ms=_ms(req.t_start, resp.t_headers) if resp is not None else None,
+        error=error,
+        error_type=error_type,
         finish_reason=p.finish_reason,
         chat_id=p.chat_id,
         chat_round=request_info.chat_round,
@@ -123,40 +161,23 @@ def build_record(
     rec.consumer = req.headers.get(attribution.consumer_header) or None
 
     if ok:
-        rec.input_tokens = p.input_tokens
-        rec.output_tokens = p.output_tokens
-        rec.cached_tokens = p.cached_tokens
-        rec.cache_creation_tokens = p.cache_creation_tokens
-        rec.reasoning_tokens = p.reasoning_tokens
-        if p.input_tokens is not None and p.output_tokens is not None:
-            rec.total_tokens = p.input_tokens + p.output_tokens
+        u, s = p.usage, p.speeds
+        rec.input_tokens, rec.output_tokens = u.input, u.output
+        rec.cached_tokens, rec.cache_creation_tokens = u.cached, u.cache_creation
+        rec.reasoning_tokens = u.reasoning
+        if u.input is not None and u.output is not None:
+            rec.total_tokens = u.input + u.output
         rec.usage_source = p.usage_source
-        rec.prompt_per_second = p.prompt_per_second
-        rec.tokens_per_second = p.tokens_per_second
-        rec.server_duration_ms = p.server_duration_ms
-        rec.draft_tokens = p.draft_tokens
-        rec.draft_accepted_tokens = p.draft_accepted_tokens
-        problems = list(p.parse_errors)
+        rec.prompt_per_second, rec.tokens_per_second = s.prompt_per_second, s.tokens_per_second
+        rec.server_duration_ms = s.server_duration_ms
+        rec.draft_tokens, rec.draft_accepted_tokens = s.draft_tokens, s.draft_accepted_tokens
+        found = list(p.problems)
     else:
         # Error bodies are expected to be plain text or odd JSON: only decoding failures count.
-        problems = [e for e in p.parse_errors if e.startswith("response decompression failed")]
-
-    if failure is not None and ok and p.stream_complete:
-        # The stream reached its end event before the connection went (SDKs close after
-        # [DONE]): the exchange succeeded.
-        failure = None
-    if failure is not None:
-        rec.error = errors.clip(failure.message) or "flow failed"
-        rec.error_type = classify_failure(failure.message, resp is not None)
-    elif resp is not None and not ok:
-        rec.error = p.stream_error or p.body_error or errors.status_text(resp.status)
-        rec.error_type = str(resp.status)
-    elif p.stream_error is not None:
-        rec.error = p.stream_error
-        rec.error_type = p.stream_error_type or "stream_error"
-
-    if request_info.invalid_json:
-        problems.append("request body is not valid JSON")
+        found = [e for e in p.problems if e.kind == DECOMPRESSION]
+    if request_info.problem is not None:
+        found.append(request_info.problem)
+    found.extend(extra_problems)
 
     if stream and timing is not None and timing.content_offsets_ms:
         first = timing.content_offsets_ms[0]
@@ -171,5 +192,7 @@ def build_record(
                 (rec.output_tokens - 1) / (rec.decode_ms / 1000), 3)
     elif stream and timing is not None:
         rec.chunks = 0
-    rec.parse_error = "; ".join(problems) or None
+    rec.parse_error = problems.detail_text(found)
+    rec.parse_error_kinds = problems.kinds(found)
+    Redactor(req.secrets).record(rec)
     return rec

@@ -74,6 +74,8 @@ class Record:
     # Not logged: offsets (ms from request start) of content-bearing stream events, for the
     # per-chunk latency histogram. Bounded by the observer's chunk-time cap.
     content_offsets_ms: list[float] = field(default_factory=list, repr=False)
+    # Not logged: the fixed kinds (record/problems.py) behind ``parse_error``, for metrics.
+    parse_error_kinds: tuple[str, ...] = field(default=(), repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of record.md (``schema`` first, internal fields left out)."""
@@ -83,7 +85,8 @@ class Record:
         return out
 
 
-_LOGGED_FIELDS = tuple(f.name for f in dataclasses.fields(Record) if f.name != "content_offsets_ms")
+_INTERNAL_FIELDS = frozenset({"content_offsets_ms", "parse_error_kinds"})
+_LOGGED_FIELDS = tuple(f.name for f in dataclasses.fields(Record) if f.name not in _INTERNAL_FIELDS)
 
 
 def rfc3339_ms(ts: float) -> str:

@@ -175,6 +175,11 @@ class AWSEventStreamFramer:
 
     Binary frames: total length (4), headers length (4), prelude CRC (4), headers, payload,
     message CRC (4). The event name is the ``:event-type`` header (or ``:exception-type``).
+
+    A bad prelude (CRC mismatch, impossible length) leaves no way to find the next frame: the
+    buffer is dropped. Past a good prelude the length can be trusted, so a frame with a bad
+    message CRC or a malformed header block is skipped alone. Both count in ``bad_frames``.
+    At most one partial frame, of at most ``max_event`` bytes, is kept between feeds.
     """
 
     __slots__ = ("_buf", "max_event", "oversized", "bad_frames")
@@ -186,22 +191,30 @@ class AWSEventStreamFramer:
         self.bad_frames = 0
 
     def feed(self, data: bytes) -> list[Event]:
-        self._buf += data
+        buf = self._buf
+        buf += data
         out: list[Event] = []
-        while len(self._buf) >= 12:
-            total, hlen, crc = struct.unpack_from(">III", self._buf, 0)
-            if zlib.crc32(bytes(self._buf[:8])) != crc or total < 16 or total > self.max_event:
+        crc32 = zlib.crc32
+        while len(buf) >= 12:
+            total, hlen, crc = struct.unpack_from(">III", buf, 0)
+            if crc32(buf[:8]) != crc or total < 16 or total > self.max_event:
                 # Cannot resynchronise a length-prefixed stream: drop what is buffered.
                 self.bad_frames += 1
-                self._buf.clear()
+                buf.clear()
                 break
-            if len(self._buf) < total:
+            if len(buf) < total:
                 break
-            frame = bytes(self._buf[:total])
-            del self._buf[:total]
-            headers = _aws_headers(frame[12 : 12 + hlen])
+            frame = bytes(buf[:total])
+            del buf[:total]
+            end = total - 4
+            headers = None
+            if hlen <= end - 12 and crc32(memoryview(frame)[:end]) == int.from_bytes(frame[end:]):
+                headers = _aws_headers(frame[12 : 12 + hlen])
+            if headers is None:
+                self.bad_frames += 1
+                continue
             name = headers.get(":event-type") or headers.get(":exception-type")
-            out.append((name, frame[12 + hlen : total - 4]))
+            out.append((name, frame[12 + hlen : end]))
         return out
 
     def pending(self) -> bytes:
@@ -211,27 +224,37 @@ class AWSEventStreamFramer:
         return []
 
 
-def _aws_headers(raw: bytes) -> dict[str, str]:
-    """String-typed headers only (type 7); others are skipped by their fixed sizes."""
-    sizes = {0: 0, 1: 0, 2: 1, 3: 2, 4: 4, 5: 8, 8: 8, 9: 16}
+# Value sizes of the fixed-size header types: bool true, bool false, byte, short, int, long,
+# timestamp, uuid. Types 6 (bytes) and 7 (string) carry a 2-byte length.
+_AWS_FIXED = {0: 0, 1: 0, 2: 1, 3: 2, 4: 4, 5: 8, 8: 8, 9: 16}
+
+
+def _aws_headers(raw: bytes) -> dict[str, str] | None:
+    """The string-typed headers (type 7); None when the block is malformed (a length running
+    past its end, an unknown type), which would otherwise read garbage or raise."""
     out: dict[str, str] = {}
-    i = 0
-    while i < len(raw):
-        nlen = raw[i]
-        name = raw[i + 1 : i + 1 + nlen].decode("utf-8", "replace")
-        i += 1 + nlen
-        htype = raw[i]
-        i += 1
-        if htype in (6, 7):
-            (vlen,) = struct.unpack_from(">H", raw, i)
-            value = raw[i + 2 : i + 2 + vlen]
-            i += 2 + vlen
+    i, n = 0, len(raw)
+    while i < n:
+        j = i + 1 + raw[i]  # the type byte, after the name
+        if j >= n:
+            return None
+        htype = raw[j]
+        if htype == 7 or htype == 6:
+            if j + 3 > n:
+                return None
+            k = j + 3 + (raw[j + 1] << 8 | raw[j + 2])  # the end of the value
+            if k > n:
+                return None
             if htype == 7:
-                out[name] = value.decode("utf-8", "replace")
-        elif htype in sizes:
-            i += sizes[htype]
+                out[raw[i + 1 : j].decode("utf-8", "replace")] = raw[j + 3 : k].decode(
+                    "utf-8", "replace")
+            i = k
+        elif (size := _AWS_FIXED.get(htype)) is not None:
+            i = j + 1 + size
+            if i > n:
+                return None
         else:
-            break
+            return None
     return out
 
 

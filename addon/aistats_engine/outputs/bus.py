@@ -1,0 +1,121 @@
+"""The one seam between the record engine and its outputs.
+
+Every output (the JSONL log, the metrics, the summary line; later spans, the store, the UI)
+subscribes to the same two events and nothing else: ``started`` when an LLM request is seen
+(for in-flight views) and ``finished`` once per record. An output that needs more than the
+record (epoch times for spans; headers and bodies for captures) finds it on the event, never by
+reaching into a mitmproxy flow. An exception in one output is reported once and never reaches
+the others or the traffic.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..record.record import Record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Started:
+    """An LLM request the proxy has begun to carry."""
+
+    flow_id: str
+    method: str
+    host: str
+    port: int
+    path: str  # without the query string
+    t_start: float  # epoch seconds
+    api: str
+    model: str | None = None  # from the path; the body is not read yet
+
+
+@dataclass(slots=True)
+class Finished:
+    """A finished request: its record, and what outputs beyond the log need."""
+
+    record: Record
+    t_start: float  # epoch seconds: request start
+    t_end: float  # epoch seconds: the end the record's ``end_time`` says
+    # Redacted header pairs (first value per name), for captures.
+    request_headers: list[tuple[str, str]] = field(default_factory=list)
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Output(Protocol):
+    """What an output implements. ``close`` must not block unless ``wait`` is True (exit)."""
+
+    def started(self, event: Started) -> None: ...
+
+    def finished(self, event: Finished) -> None: ...
+
+    def close(self, wait: bool = False) -> None: ...
+
+
+class Bus:
+    """The outputs, by name; replacing one builds the new before closing the old."""
+
+    def __init__(self, report: Callable[[str, str, Exception], None] | None = None) -> None:
+        self._outputs: dict[str, Output] = {}
+        self._report = report or _log_report
+        self._dropped_listeners: list[Callable[[str, int], None]] = []
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._outputs
+
+    def get(self, name: str) -> Output | None:
+        return self._outputs.get(name)
+
+    def names(self) -> list[str]:
+        return list(self._outputs)
+
+    def replace(self, name: str, output: Output | None) -> None:
+        """Install ``output`` under ``name`` (None removes it); the old one is closed without
+        waiting, after the new one is in place."""
+        old = self._outputs.pop(name, None)
+        if output is not None:
+            self._outputs[name] = output
+        if old is not None and old is not output:
+            try:
+                old.close()
+            except Exception as e:
+                self._report(name, "close", e)
+
+    def started(self, event: Started) -> None:
+        for name, out in self._outputs.items():
+            try:
+                out.started(event)
+            except Exception as e:
+                self._report(name, event.flow_id, e)
+
+    def finished(self, event: Finished) -> None:
+        for name, out in self._outputs.items():
+            try:
+                out.finished(event)
+            except Exception as e:
+                self._report(name, event.record.flow_id, e)
+
+    def close(self, wait: bool = False) -> None:
+        for name, out in list(self._outputs.items()):
+            try:
+                out.close(wait)
+            except Exception as e:
+                self._report(name, "close", e)
+        self._outputs.clear()
+
+    # -- records an output could not keep (counted by whoever listens, e.g. the metrics) --
+    def on_dropped(self, listener: Callable[[str, int], None]) -> None:
+        self._dropped_listeners.append(listener)
+
+    def dropped(self, output: str, n: int) -> None:
+        """May be called from an output's own thread."""
+        for listener in list(self._dropped_listeners):
+            listener(output, n)
+
+
+def _log_report(output: str, where: str, exc: Exception) -> None:
+    log.warning("aistats: output %s failed (%s): %s: %s", output, where, type(exc).__name__, exc)

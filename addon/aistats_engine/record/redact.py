@@ -1,0 +1,108 @@
+"""Secrets stay secret: credential headers, ``key=`` query parameters, and any value they carried
+wherever it reappears (an upstream echoing the key in its error message), plus well-known key
+shapes in free text.
+
+Every output reads the record, so redacting the record's text fields once (``Redactor.record``)
+covers the log, metrics labels, the summary line and later spans and UI; headers and URLs that
+outputs show are redacted with ``headers`` and ``query``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Iterable
+from urllib.parse import parse_qsl
+
+from .record import Record
+
+REDACTED = "[REDACTED]"
+SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key",
+                            "x-goog-api-key", "api-key", "cookie", "set-cookie"})
+SECRET_PARAMS = frozenset({"key", "api_key", "api-key", "apikey", "access_token"})
+MIN_SECRET = 8  # shorter values are not searched for in text (they would match by chance)
+
+# Key shapes worth catching even when the request did not carry them (a key in a prompt
+# echoed back, another tenant's key in an error): OpenAI/Anthropic ``sk-…``, Google ``AIza…``,
+# AWS access key ids, Groq, xAI, Hugging Face, GitHub tokens, and bearer tokens.
+_SHAPES = re.compile(
+    r"\bsk-[A-Za-z0-9_\-]{16,}|\bAIza[0-9A-Za-z_\-]{30,}|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"
+    r"|\bgsk_[A-Za-z0-9]{20,}|\bxai-[A-Za-z0-9]{20,}|\bhf_[A-Za-z0-9]{20,}"
+    r"|\bgh[pousr]_[A-Za-z0-9]{30,}|\b[Bb]earer\s+[A-Za-z0-9._~+/\-]{12,}=*")
+
+# Record fields that carry text from the traffic.
+_TEXT_FIELDS = ("path", "error", "parse_error", "user_agent", "session_id", "consumer", "model",
+                "response_model", "chat_id", "finish_reason", "error_type")
+
+
+def shapes(text: str) -> str:
+    """``text`` with well-known key shapes replaced."""
+    return _SHAPES.sub(REDACTED, text)
+
+
+def secrets_of(headers: Iterable[tuple[str, str]], query: str) -> tuple[str, ...]:
+    """Every secret value a request carried: credential header values (whole, and the token
+    after the scheme; Basic credentials decoded too), cookie values, ``key=``-style parameters."""
+    found: set[str] = set()
+    for name, value in headers:
+        name = name.lower()
+        if name not in SECRET_HEADERS or not value:
+            continue
+        found.add(value)
+        if name in ("cookie", "set-cookie"):
+            for part in value.split(";"):
+                found.add(part.partition("=")[2].strip())
+            continue
+        scheme, _, token = value.partition(" ")
+        if token:
+            found.add(token.strip())
+            if scheme.lower() == "basic":
+                try:
+                    user_pass = base64.b64decode(token.strip(), validate=True).decode()
+                except (binascii.Error, UnicodeDecodeError):
+                    continue
+                found.update((user_pass, user_pass.partition(":")[2]))
+    if query:
+        for k, v in parse_qsl(query, keep_blank_values=False):
+            if k.lower() in SECRET_PARAMS:
+                found.add(v)
+    return tuple(sorted((s for s in found if len(s) >= MIN_SECRET), key=len, reverse=True))
+
+
+def headers(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Header pairs with the credential headers' values replaced."""
+    return [(k, REDACTED if k.lower() in SECRET_HEADERS else v) for k, v in pairs]
+
+
+def query(text: str) -> str:
+    """A query string with ``key=``-style parameter values replaced (order kept)."""
+    if not text:
+        return text
+    out = []
+    for part in text.split("&"):
+        k, eq, _ = part.partition("=")
+        out.append(f"{k}={REDACTED}" if eq and k.lower() in SECRET_PARAMS else part)
+    return "&".join(out)
+
+
+class Redactor:
+    """Replaces the secrets of one request, and key shapes, in any text."""
+
+    __slots__ = ("_secrets",)
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._secrets = tuple(secrets)
+
+    def __call__(self, text: str) -> str:
+        for s in self._secrets:
+            if s in text:
+                text = text.replace(s, REDACTED)
+        return _SHAPES.sub(REDACTED, text) if text else text
+
+    def record(self, rec: Record) -> None:
+        """Redact the record's text fields in place."""
+        for name in _TEXT_FIELDS:
+            v = getattr(rec, name)
+            if v:
+                setattr(rec, name, self(v))

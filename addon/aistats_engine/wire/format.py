@@ -1,0 +1,95 @@
+"""What a wire format is: one registered unit per LLM API shape (``wire/formats/``).
+
+A :class:`WireFormat` says which request paths speak it (``match``), how one stream event and
+one whole body are read into a :class:`~aistats_engine.wire.reader.ResponseState` (``event``,
+``body``), where its end-of-stream marker is (``event`` sets ``state.complete``), how its
+transport wraps events (``unwrap``, e.g. Bedrock's base64 payloads) and which plain delta events
+may skip the full reading (``short``). Adding a format is one module in ``wire/formats/`` and one
+line in its registry; nothing else names formats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .usage import Usage, read_usage
+
+if TYPE_CHECKING:
+    from .reader import ResponseState
+
+
+class Match:
+    """A request path matched to its format, with what the path itself says."""
+
+    __slots__ = ("fmt", "model_from_path", "stream_from_path")
+
+    def __init__(self, fmt: WireFormat, model_from_path: str | None = None,
+                 stream_from_path: bool = False) -> None:
+        self.fmt = fmt
+        self.model_from_path = model_from_path
+        self.stream_from_path = stream_from_path
+
+    @property
+    def api(self) -> str:
+        return self.fmt.api
+
+    @property
+    def operation(self) -> str:
+        return self.fmt.operation
+
+    @property
+    def provider(self) -> str | None:
+        return self.fmt.provider
+
+    def with_model(self, model: str | None) -> Match:
+        return Match(self.fmt, self.model_from_path or model, self.stream_from_path)
+
+
+class WireFormat:
+    """Defaults shared by the formats; each format overrides what differs."""
+
+    api: ClassVar[str] = ""  # record ``api``
+    operation: ClassVar[str] = ""  # OTel ``gen_ai.operation.name``
+    provider: ClassVar[str | None] = None  # implied by the path alone (else host/body decide)
+    # The provider when neither the host nor the body tells (``openai`` for OpenAI's formats).
+    fallback_provider: ClassVar[str | None] = None
+    anthropic_usage: ClassVar[bool] = False  # an ``input_tokens`` usage shape is Anthropic's
+    suffixes: ClassVar[tuple[str, ...]] = ()  # path suffixes (query and trailing / removed)
+    exact: ClassVar[tuple[str, ...]] = ()  # whole paths
+    # Transport wrapping of one event: (name, data) → (name, inner data), None to skip it.
+    unwrap: ClassVar[Callable[[str | None, bytes], tuple[str | None, bytes] | None] | None] = None
+    # Plain delta events: True/False (content or not) when the event can change nothing else,
+    # None when it must be read in full. Checked equal to the full reading in the tests.
+    short: ClassVar[Callable[[dict], bool | None] | None] = None
+
+    def match(self, path: str) -> Match | None:
+        if (self.suffixes and path.endswith(self.suffixes)) or path in self.exact:
+            return Match(self)
+        return None
+
+    def read_usage(self, obj: dict) -> Usage | None:
+        return read_usage(obj, self.anthropic_usage)
+
+    def error_event(self, name: str | None, obj: dict) -> bool:
+        """An error event inside a stream (SSE ``event: error``, ``{"type": "error"}``, or a
+        chunk whose top-level ``error`` object is not beside choices)."""
+        err = obj.get("error")
+        return (name == "error" or obj.get("type") == "error"
+                or (err.__class__ is dict and "choices" not in obj))
+
+    def event(self, state: ResponseState, name: str | None, obj: dict) -> bool:
+        """Read one stream event; True when it carries generated content."""
+        state.common(obj)
+        return False
+
+    def body(self, state: ResponseState, obj: Any) -> None:
+        """Read a whole (non-streamed) JSON body. llama.cpp answers a list of prompts (and
+        ``/infill``) with a JSON array: its last element carries the timings."""
+        if isinstance(obj, list):
+            obj = obj[-1] if obj else None
+        if isinstance(obj, dict):
+            state.common(obj)
+
+    def __repr__(self) -> str:
+        return f"<WireFormat {self.api} ({type(self).__module__.rsplit('.', 1)[-1]})>"
