@@ -29,7 +29,7 @@ if _HERE not in sys.path:  # mitmproxy adds it for -s scripts; tests import this
 from aistats_engine import settings  # noqa: E402
 from aistats_engine.observer import (  # noqa: E402
     DRAIN_LIMIT, Parsed, StreamObserver, StreamTiming, parse_body)
-from aistats_engine.outputs.bus import Bus, Finished, Started  # noqa: E402
+from aistats_engine.outputs.bus import Bus, Finished, Started, first_values  # noqa: E402
 from aistats_engine.outputs.metrics import MetricsConfig  # noqa: E402
 from aistats_engine.outputs.metrics_output import MetricsOutput  # noqa: E402
 from aistats_engine.outputs.record_log import RecordLog  # noqa: E402
@@ -306,8 +306,7 @@ class AIStats:
         t_end = exchange_end(rec_args[0], rec_args[3], timing, failure)
         self._emit(Finished(
             rec, flow.request.timestamp_start, t_end if t_end is not None else rec_args[0].t_start,
-            redact.headers(_first_values(flow.request.headers.fields)),
-            redact.headers(_first_values(resp.headers.fields)) if resp is not None else []))
+            flow.request.headers.fields, resp.headers.fields if resp is not None else ()))
 
     def _read_response(self, st: _FlowState, flow: http.HTTPFlow
                        ) -> tuple[StreamTiming | None, Parsed | None]:
@@ -418,18 +417,10 @@ def _call_now(fn: Callable[[], None]) -> None:
     fn()
 
 
-def _first_values(fields: Any) -> list[tuple[str, str]]:
-    """Header pairs, first value per (lower-cased) name."""
-    out: dict[str, str] = {}
-    for k, v in fields:
-        out.setdefault(k.decode("latin-1").lower(), v.decode("utf-8", "replace"))
-    return list(out.items())
-
-
 def _request_meta(flow: http.HTTPFlow) -> RequestMeta:
     req = flow.request
     path, _, query = req.path.partition("?")
-    headers = _first_values(req.headers.fields)
+    headers = first_values(req.headers.fields)
     every = [(k.decode("latin-1"), v.decode("utf-8", "replace")) for k, v in req.headers.fields]
     return RequestMeta(
         flow_id=flow.id, method=req.method, scheme=req.scheme, host=req.host, port=req.port,

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
+from ..record import redact
 from ..record.record import Record
 
 log = logging.getLogger(__name__)
@@ -34,16 +35,34 @@ class Started:
     model: str | None = None  # from the path; the body is not read yet
 
 
+HeaderFields = tuple[tuple[bytes, bytes], ...]  # raw (name, value) pairs as on the wire
+
+
 @dataclass(slots=True)
 class Finished:
-    """A finished request: its record, and what outputs beyond the log need."""
+    """A finished request: its record, and what outputs beyond the log need. Headers are kept
+    raw and redacted on request, so outputs that do not show them cost nothing."""
 
     record: Record
     t_start: float  # epoch seconds: request start
     t_end: float  # epoch seconds: the end the record's ``end_time`` says
-    # Redacted header pairs (first value per name), for captures.
-    request_headers: list[tuple[str, str]] = field(default_factory=list)
-    response_headers: list[tuple[str, str]] = field(default_factory=list)
+    request_fields: HeaderFields = ()
+    response_fields: HeaderFields = ()
+
+    def request_headers(self) -> list[tuple[str, str]]:
+        """Redacted pairs, first value per (lower-cased) name."""
+        return redact.headers(first_values(self.request_fields))
+
+    def response_headers(self) -> list[tuple[str, str]]:
+        return redact.headers(first_values(self.response_fields))
+
+
+def first_values(fields: HeaderFields) -> list[tuple[str, str]]:
+    """Header pairs as text, first value per (lower-cased) name."""
+    out: dict[str, str] = {}
+    for k, v in fields:
+        out.setdefault(k.decode("latin-1").lower(), v.decode("utf-8", "replace"))
+    return list(out.items())
 
 
 class Output(Protocol):
