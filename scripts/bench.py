@@ -11,11 +11,17 @@ client on one asyncio loop, raw streams, HTTP/1.1 chunked) is pinned to CPU 0. W
 * non-streamed JSON (~2 KB chat.completion) -> CPU per request, requests/s;
 * TTFB on fresh connections, and VmRSS per open stream with N streams held open after event 1.
 
+The measured side also proves it measured aistats at work: it runs with ``aistats_log`` in its
+work dir and ``aistats_metrics_port`` 0 (or the --scrape-port), the client counts every request
+it sends (warmup included), and after mitmdump has exited (the log is flushed at exit) the log
+must hold exactly one record per request, else the benchmark fails. On by default unless the
+measured script is the floor itself (``--no-expect-records`` for an addon that logs no records).
+
 CPU is utime+stime of the mitmdump process from /proc/<pid>/stat (10 ms ticks), as a delta over
 the workload. Every loop is bounded in count and time; every process is stopped by PID.
 
     .venv/bin/python scripts/bench.py [--addon addon/aistats.py] [--set k=v ...] [--repeats 3]
-                                      [--quick] [--json out.json]
+                                      [--quick] [--json out.json] [--no-expect-records]
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +53,8 @@ CONNECT_TIMEOUT = 10.0
 MAX_CHUNKS = 1_000_000  # per response; bounds the read loop
 MAX_REQS_PER_CONN = 100_000
 TS_RE = re.compile(rb'"bench_ts":([0-9.]+)')
+RECORDS_LOG = "records.jsonl"  # aistats_log of the measured side, in its work dir
+MAX_BACKUPS = 100  # rotated logs (records.jsonl.N) counted at most
 
 
 class BenchError(RuntimeError):
@@ -278,18 +287,27 @@ class Body:
         await self.until_events(sys.maxsize)
 
 
+@dataclass
+class Target:
+    """Where the client sends (proxy port, upstream port) and the exact count of requests it
+    sent by mode ("sse"/"json"): each should give one aistats record."""
+
+    proxy: int
+    up: int
+    sent: Counter[str]
+
+
 class Client:
     """One keep-alive HTTP/1.1 connection through the proxy (absolute-form requests)."""
 
-    def __init__(self, proxy_port: int, up_port: int) -> None:
-        self.proxy_port = proxy_port
-        self.up_port = up_port
+    def __init__(self, target: Target) -> None:
+        self.target = target
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
     async def open(self) -> Client:
         self.reader, self.writer = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", self.proxy_port), CONNECT_TIMEOUT)
+            asyncio.open_connection("127.0.0.1", self.target.proxy), CONNECT_TIMEOUT)
         return self
 
     def close(self) -> None:
@@ -298,7 +316,7 @@ class Client:
 
     def request(self, mode: str, events: int = 0, interval_ms: float = 0.0, hold: bool = False) -> bytes:
         body = SSE_REQ if mode == "sse" else JSON_REQ
-        host = f"127.0.0.1:{self.up_port}"
+        host = f"127.0.0.1:{self.target.up}"
         return (f"POST http://{host}/v1/chat/completions HTTP/1.1\r\nhost: {host}\r\n"
                 f"content-type: application/json\r\nauthorization: Bearer sk-bench\r\n"
                 f"x-bench-mode: {mode}\r\nx-bench-events: {events}\r\n"
@@ -310,6 +328,7 @@ class Client:
         """Send a request and read the response head; the caller drains the returned Body."""
         assert self.reader and self.writer
         self.writer.write(self.request(mode, events, interval_ms, hold))
+        self.target.sent[mode] += 1
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = head.split(b" ", 2)[1]
         if status != b"200":
@@ -317,12 +336,12 @@ class Client:
         return Body(self.reader, parse_headers(head), lat)
 
 
-async def sse_streams(proxy: int, up: int, lengths: list[int], interval_ms: float,
+async def sse_streams(target: Target, lengths: list[int], interval_ms: float,
                       lat: list[float] | None, start_delay: float = 0.0) -> int:
     """Sequential streams (content events per stream in `lengths`) on one keep-alive
     connection; returns SSE events received, 3 more per stream than content events."""
     await asyncio.sleep(start_delay)
-    client = await Client(proxy, up).open()
+    client = await Client(target).open()
     total = 0
     try:
         for events in lengths:
@@ -345,8 +364,8 @@ def paced_lengths(i: int, n: int, streams: int, events: int) -> list[int]:
     return [first] + rest
 
 
-async def json_requests(proxy: int, up: int, count: int) -> int:
-    client = await Client(proxy, up).open()
+async def json_requests(target: Target, count: int) -> int:
+    client = await Client(target).open()
     try:
         for _ in range(count):
             body = await client.start("json")
@@ -416,8 +435,8 @@ def pct(values: list[float], q: float) -> float:
 class Phases:
     """The measured workloads against one running mitmdump."""
 
-    def __init__(self, proxy_port: int, pid: int, up: Upstream, cfg: Config) -> None:
-        self.proxy = proxy_port
+    def __init__(self, target: Target, pid: int, up: Upstream, cfg: Config) -> None:
+        self.target = target
         self.pid = pid
         self.up = up
         self.cfg = cfg
@@ -433,11 +452,11 @@ class Phases:
 
     async def warmup(self) -> None:
         """Exercise every path once so imports, lazy setup and code caches are done."""
-        p, u = self.proxy, self.up.port
+        t = self.target
         await asyncio.wait_for(asyncio.gather(
-            json_requests(p, u, 30),
-            *(sse_streams(p, u, [50] * 3, 0.0, None) for _ in range(3)),
-            *(sse_streams(p, u, [20], 1.0, []) for _ in range(4)),
+            json_requests(t, 30),
+            *(sse_streams(t, [50] * 3, 0.0, None) for _ in range(3)),
+            *(sse_streams(t, [20], 1.0, []) for _ in range(4)),
         ), PHASE_TIMEOUT)
         await self.ttfb(5)
         await asyncio.sleep(0.3)
@@ -451,7 +470,7 @@ class Phases:
         bodies: list[Body] = []
         try:
             for i in range(0, n, 50):  # batches: stay below listen backlogs
-                batch = [Client(self.proxy, self.up.port) for _ in range(min(50, n - i))]
+                batch = [Client(self.target) for _ in range(min(50, n - i))]
                 clients += batch
                 await asyncio.wait_for(asyncio.gather(*(c.open() for c in batch)), PHASE_TIMEOUT)
                 bodies += await asyncio.wait_for(asyncio.gather(
@@ -477,7 +496,7 @@ class Phases:
         """Sequential requests, fresh connection each: request written -> first event parsed."""
         samples: list[float] = []
         for _ in range(count or self.cfg.ttfb_requests):
-            client = await Client(self.proxy, self.up.port).open()
+            client = await Client(self.target).open()
             try:
                 t0 = time.perf_counter()
                 body = await asyncio.wait_for(client.start("sse", None, 5), PHASE_TIMEOUT)
@@ -498,8 +517,7 @@ class Phases:
             if c.scrape_port else None
         try:
             events, cpu, wall = await self.measured(asyncio.gather(*(
-                sse_streams(self.proxy, self.up.port,
-                            paced_lengths(i, n, c.paced_streams, c.paced_events),
+                sse_streams(self.target, paced_lengths(i, n, c.paced_streams, c.paced_events),
                             c.interval_ms, lat, i * 2 * c.interval_ms / 1000) for i in range(n))))
         finally:
             if scraper is not None:
@@ -513,7 +531,7 @@ class Phases:
     async def unpaced(self) -> dict[str, float]:
         c = self.cfg
         events, cpu, wall = await self.measured(asyncio.gather(*(
-            sse_streams(self.proxy, self.up.port, [c.unpaced_events] * c.unpaced_streams, 0.0, None)
+            sse_streams(self.target, [c.unpaced_events] * c.unpaced_streams, 0.0, None)
             for _ in range(c.unpaced_clients))))
         total = sum(events)
         return {"cpu_us_per_event": cpu / total * 1e6, "events_per_s": total / wall,
@@ -522,7 +540,7 @@ class Phases:
     async def json(self) -> dict[str, float]:
         c = self.cfg
         reqs, cpu, wall = await self.measured(asyncio.gather(*(
-            json_requests(self.proxy, self.up.port, c.json_requests) for _ in range(c.json_clients))))
+            json_requests(self.target, c.json_requests) for _ in range(c.json_clients))))
         total = sum(reqs)
         return {"cpu_us_per_request": cpu / total * 1e6, "requests_per_s": total / wall,
                 "mitmdump_cpu_util": cpu / wall, "requests": total}
@@ -542,14 +560,15 @@ async def scrape_loop(port: int, interval_ms: float) -> None:
         await asyncio.sleep(interval_ms / 1000)
 
 
-async def measure(proxy_port: int, pid: int, cfg: Config) -> dict[str, dict[str, float]]:
+async def measure(proxy_port: int, pid: int, cfg: Config, sent: Counter[str]
+                  ) -> dict[str, dict[str, float]]:
     """All phases against one mitmdump; memory first so other phases have not grown the heap.
     `env.foreign_cores` is CPU used by neither mitmdump nor this process while measuring: other
-    work on the machine, which makes a run suspect."""
+    work on the machine, which makes a run suspect. Every request sent is counted in `sent`."""
     up = Upstream()
     await up.start()
     try:
-        ph = Phases(proxy_port, pid, up, cfg)
+        ph = Phases(Target(proxy_port, up.port, sent), pid, up, cfg)
         await ph.warmup()
         b0, o0, m0, t0 = busy_seconds(), own_cpu_seconds(), cpu_seconds(pid), time.perf_counter()
         out = {"memory": await ph.memory(), "ttfb": await ph.ttfb(), "paced": await ph.paced(),
@@ -613,16 +632,19 @@ def wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path, timeout:
     raise BenchError(f"mitmdump not listening after {timeout}s: {log_tail(log)}")
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM by PID, SIGKILL after 5 s."""
+def stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> bool:
+    """SIGTERM by PID, SIGKILL after `grace` s; True if it had to be killed (then its exit
+    hooks, such as the aistats log flush, did not run to the end)."""
     if proc.poll() is not None:
-        return
+        return False
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(5)
+        proc.wait(grace)
+        return False
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
+        return True
 
 
 def log_tail(log: Path, n: int = 2000) -> str:
@@ -638,24 +660,84 @@ def log_problems(log: Path) -> list[str]:
             if re.search(r"error|traceback|crash", ln, re.I)]
 
 
+def record_sets(sets: list[str], scrape_port: int) -> list[str]:
+    """Options that make the measured side log its records in its work dir (relative path:
+    mitmdump runs there) and serve metrics on a port nobody uses (the scrape port if one is
+    scraped); the user's own aistats_metrics_port wins."""
+    extra = [f"aistats_log={RECORDS_LOG}"]
+    if not any(kv.split("=", 1)[0] == "aistats_metrics_port" for kv in sets):
+        extra.append(f"aistats_metrics_port={scrape_port}")
+    return sets + extra
+
+
+def count_records(workdir: Path) -> dict[str, int]:
+    """Complete lines of the records log and its rotated backups (a line cut off by a kill does
+    not count), and how many of them are streamed records / carry the response's usage."""
+    counts = {"records": 0, "sse": 0, "json": 0, "with_usage": 0}
+    paths = [workdir / RECORDS_LOG] + [workdir / f"{RECORDS_LOG}.{i}" for i in range(1, MAX_BACKUPS + 1)]
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        for line in data.split(b"\n")[:-1]:  # the piece after the last newline is incomplete
+            counts["records"] += 1
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                counts["sse" if rec.get("stream") else "json"] += 1
+                counts["with_usage"] += int(rec.get("output_tokens") is not None)
+    return counts
+
+
+def check_records(sent: Counter[str], got: dict[str, int], killed: bool, rc: int | None) -> None:
+    """One record per request sent, else a one-line BenchError with both numbers."""
+    want = sum(sent.values())
+    if got["records"] == want:
+        return
+    hint = ("no records at all: is the measured script aistats, did it load, does it recognise "
+            "POST /v1/chat/completions?" if got["records"] == 0 else
+            "mitmdump was killed before its log was flushed" if killed else
+            f"mitmdump exit code {rc}")
+    raise BenchError(f"records check failed: the measured side logged {got['records']} records "
+                     f"for {want} requests sent (sse {got['sse']}/{sent['sse']}, json "
+                     f"{got['json']}/{sent['json']}); {hint}")
+
+
 def run_side(exe: str, addon: Path, sets: list[str], cfg: Config, confdir: Path, pin: bool,
-             tmp: Path, tag: str, max_wait: float) -> dict[str, Any]:
-    """One fresh mitmdump for one side: wait for quiet, start, measure, stop."""
+             tmp: Path, tag: str, max_wait: float, expect_records: bool) -> dict[str, Any]:
+    """One fresh mitmdump for one side: wait for quiet, start, measure, stop; with
+    `expect_records`, check the addon logged one record per request sent (after the stop,
+    as the log is flushed at exit)."""
     workdir = tmp / tag
     workdir.mkdir()
     load_before = wait_quiet(max_wait) if max_wait > 0 else None
+    if expect_records:
+        sets = record_sets(sets, cfg.scrape_port)
+    sent: Counter[str] = Counter()
     proc, port, log = start_mitmdump(exe, addon, sets, confdir, workdir, pin)
     try:
-        metrics = asyncio.run(measure(port, proc.pid, cfg))
+        metrics = asyncio.run(measure(port, proc.pid, cfg, sent))
         if proc.poll() is not None:
             raise BenchError(f"mitmdump died during the run: {log_tail(log)}")
     finally:
-        stop(proc)
+        killed = stop(proc)
     problems = log_problems(log)
     for ln in problems[:5]:
         print(f"  [{tag}] mitmdump log: {ln}", file=sys.stderr)
     metrics["env"]["load_before_cores"] = load_before
-    return {"metrics": metrics, "log_problems": len(problems)}
+    out: dict[str, Any] = {"metrics": metrics, "log_problems": len(problems),
+                           "requests_sent": sum(sent.values()), "requests_sent_by_mode": dict(sent)}
+    if expect_records:
+        got = count_records(workdir)
+        out["records"] = got
+        check_records(sent, got, killed, proc.returncode)
+        if got["with_usage"] != got["records"]:
+            print(f"  [{tag}] {got['records'] - got['with_usage']} of {got['records']} records "
+                  "have no output_tokens although every response carried usage", file=sys.stderr)
+    return out
 
 
 # ---------------------------------------------------------------- summary
@@ -735,13 +817,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--retries", type=int,
                    help="redo a run disturbed by other load up to this often (default 2, quick 0)")
     p.add_argument("--scrape-port", type=int, default=0,
-                   help="scrape 127.0.0.1:PORT/metrics during the paced phase (aistats: 9464)")
+                   help="scrape 127.0.0.1:PORT/metrics during the paced phase (with the records "
+                        "check the aistats side serves there; else aistats' default is 9464)")
     p.add_argument("--scrape-interval-ms", type=float, default=1000.0)
     p.add_argument("--mitmdump", default=default_mitmdump())
     p.add_argument("--json", type=Path, help="write all numbers here")
+    p.add_argument("--expect-records", action=argparse.BooleanOptionalAction, default=None,
+                   help="fail unless the measured side logs one aistats record per request sent "
+                        "(default: on unless --addon is the floor script)")
     a = p.parse_args(argv)
     if a.repeats < 1 or a.repeats > 20:
         p.error("--repeats must be 1..20")
+    if a.expect_records is None:
+        a.expect_records = a.addon.resolve() != a.floor.resolve()
+    if a.expect_records and any(kv.split("=", 1)[0] == "aistats_log" for kv in a.sets):
+        p.error("--set aistats_log is chosen by bench to count records; drop it or pass --no-expect-records")
     return a
 
 
@@ -779,7 +869,7 @@ def run_all(a: argparse.Namespace, cfg: Config, pin: bool) -> list[dict[str, Any
                     t0 = time.monotonic()
                     max_wait = cfg.max_wait_quiet if t0 - started < cfg.budget_s else 0.0
                     res = run_side(a.mitmdump, addon.resolve(), sets, cfg, confdir, pin, tmp,
-                                   f"{side}{r}.{k}", max_wait)
+                                   f"{side}{r}.{k}", max_wait, a.expect_records and side == "aistats")
                     attempts.append(res)
                     foreign = res["metrics"]["env"]["foreign_cores"]
                     print(f"repeat {r + 1}/{a.repeats} {side:7} done in {time.monotonic() - t0:.1f}s"
@@ -809,10 +899,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     summary = summarize(runs)
     meta = {"addon": str(a.addon), "floor": str(a.floor), "sets": a.sets, "repeats": a.repeats,
-            "quick": a.quick, "pinned": pin, "wall_s": time.monotonic() - started, "python": sys.version.split()[0]}
+            "quick": a.quick, "pinned": pin, "expect_records": a.expect_records,
+            "wall_s": time.monotonic() - started, "python": sys.version.split()[0]}
     print(f"\naistats = {a.addon} {' '.join(a.sets)}; floor = {a.floor}; "
           f"{a.repeats} repeats, pinned={pin}, {meta['wall_s']:.0f}s")
     print(table(summary))
+    if a.expect_records:
+        measured = [r for r in runs if r["side"] == "aistats"]
+        print(f"records logged by the aistats side: {sum(r['records']['records'] for r in measured)} "
+              f"for {sum(r['requests_sent'] for r in measured)} requests sent (checked per run)")
     if a.json:
         a.json.write_text(json.dumps({"meta": meta, "config": asdict(cfg), "summary": summary,
                                       "runs": runs}, indent=2))
