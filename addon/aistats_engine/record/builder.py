@@ -81,7 +81,7 @@ def _outcome(resp: ResponseMeta | None, p: Parsed, failure: Failure | None
     event inside a 2xx stream, or success."""
     ok = resp is not None and 200 <= resp.status < 300
     if failure is not None and not (ok and p.stream_complete):
-        return (errors.clip(failure.message) or "flow failed",
+        return (failure.message or "flow failed",
                 classify_failure(failure.message, resp is not None))
     if resp is not None and not ok:
         return p.stream_error or p.body_error or errors.status_text(resp.status), str(resp.status)
@@ -195,4 +195,6 @@ def build_record(
     rec.parse_error = problems.detail_text(found)
     rec.parse_error_kinds = problems.kinds(found)
     Redactor(req.secrets).record(rec)
+    if rec.error is not None:
+        rec.error = errors.clip(rec.error)  # after redaction: a secret across the cut would leak
     return rec

@@ -6,6 +6,9 @@ from http import HTTPStatus
 from typing import Any
 
 MAX_ERROR_BYTES = 500
+# What is kept of a provider's message before redaction: far more than the record's cut, so a
+# secret straddling this first cut is cut away again by the second.
+MAX_MESSAGE_BYTES = 64 << 10
 
 
 def clip(text: str, limit: int = MAX_ERROR_BYTES) -> str:
@@ -17,7 +20,9 @@ def clip(text: str, limit: int = MAX_ERROR_BYTES) -> str:
 
 
 def message_from(obj: Any) -> str | None:
-    """First non-empty string among ``error.message``, ``error``, ``message``, ``detail``."""
+    """First non-empty string among ``error.message``, ``error``, ``message``, ``detail``; cut
+    only loosely here: the record redacts secrets first, then cuts to ``MAX_ERROR_BYTES`` (a
+    key across that cut would otherwise leak its first half)."""
     if not isinstance(obj, dict):
         return None
     err = obj.get("error")
@@ -25,7 +30,7 @@ def message_from(obj: Any) -> str | None:
                   obj.get("message"), obj.get("detail"))
     for c in candidates:
         if isinstance(c, str) and c.strip():
-            return clip(c.strip())
+            return clip(c.strip(), MAX_MESSAGE_BYTES)
     return None
 
 
