@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from casekit import drop_ids
+from fixtures import BEDROCK_INVOKE_CLAUDE
 from mitm import Mitmdump, replay, ssl_context
 from upstream import (
     JSON_HEADERS, NDJSON_HEADERS, SSE_HEADERS, Reply, Upstream, anthropic_messages_json,
@@ -164,6 +165,25 @@ def test_httpx_gemini_sse_crlf(env):
     assert (rec["input_tokens"], rec["output_tokens"], rec["reasoning_tokens"]) == (8, 7, 5)
     assert rec["chunks"] == 2 and rec["finish_reason"] == "STOP"
     assert "AIzaSECRET" not in json.dumps(rec) and "?" not in rec["path"]
+
+
+def test_httpx_bedrock_invoke_stream(env):
+    """InvokeModelWithResponseStream: base64-wrapped Claude events in AWS event-stream frames,
+    split across chunks at odd places."""
+    up = env["up"]
+    body = BEDROCK_INVOKE_CLAUDE
+    cuts = [0, 5, 77, 200, len(body) - 3, len(body)]
+    up.add("bedrock", Reply(headers=[("content-type", "application/vnd.amazon.eventstream")],
+                            chunks=[body[a:b] for a, b in zip(cuts, cuts[1:])], chunk_delay_s=0.01))
+    with proxied(env) as c:
+        status, got, _ = raw_post(c, up.url + "/model/anthropic.claude-e2e/invoke-with-response-stream",
+                                  "bedrock", {"anthropic_version": "bedrock-2023-05-31",
+                                              "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and got == body
+    rec = wait_record(env["log"], model="anthropic.claude-e2e")
+    assert (rec["provider"], rec["api"], rec["stream"]) == ("aws.bedrock", "invoke", True)
+    assert (rec["input_tokens"], rec["output_tokens"], rec["finish_reason"]) == (9, 4, "end_turn")
+    assert rec["chunks"] == 2 and rec["ttft_ms"] is not None and rec["parse_error"] is None
 
 
 def test_httpx_ollama_ndjson(env):
