@@ -32,25 +32,39 @@ from aistats_engine.observer import (  # noqa: E402
 from aistats_engine.outputs.bus import Bus, Finished, Started, first_values  # noqa: E402
 from aistats_engine.outputs.metrics import MetricsConfig  # noqa: E402
 from aistats_engine.outputs.metrics_output import MetricsOutput  # noqa: E402
-from aistats_engine.outputs.record_log import RecordLog  # noqa: E402
+from aistats_engine.outputs.higress_log import line as higress_line  # noqa: E402
+from aistats_engine.outputs.jsonl_output import JsonlOutput  # noqa: E402
 from aistats_engine.outputs.summary import SummaryLine  # noqa: E402
 from aistats_engine.record import redact  # noqa: E402
 from aistats_engine.record.builder import (  # noqa: E402
     Attribution, Failure, RequestMeta, ResponseMeta, build_record, exchange_end)
 from aistats_engine.record.problems import INTERNAL, Problem  # noqa: E402
+from aistats_engine.record.record import Record  # noqa: E402
+from aistats_engine.rules import config as rules_config  # noqa: E402
+from aistats_engine.rules.engine import FlowRules  # noqa: E402
 from aistats_engine.wire import framing  # noqa: E402
 from aistats_engine.wire.format import Match  # noqa: E402
-from aistats_engine.wire.formats import match_api  # noqa: E402
+from aistats_engine.wire.formats import match_api, match_configured  # noqa: E402
 from aistats_engine.wire.reader import RequestInfo, read_request  # noqa: E402
+from aistats_engine.wire.usage import Usage  # noqa: E402
 
 log = logging.getLogger("aistats")
 
 METADATA_KEY = "aistats"
+CONFIG_CHECK_SECONDS = 1.0  # how often the rule file is checked for changes
 METADATA_VERSION = 2  # v2: Parsed with structured problems (v1 flows replay from their bodies)
 
 
 def _log_part(s: settings.Settings) -> tuple:
     return (s.log_path, s.log_max_bytes, s.log_backups)
+
+
+def _higress_log_part(s: settings.Settings) -> tuple:
+    return (s.higress_log_path, s.log_max_bytes, s.log_backups)
+
+
+def _spans_part(s: settings.Settings) -> tuple:
+    return (s.otlp_endpoint, s.span_content)
 
 
 def _metrics_part(s: settings.Settings) -> tuple:
@@ -62,14 +76,17 @@ class _FlowState:
     """What we keep for one LLM flow between its hooks. (A plain class: mitmproxy executes
     this file without registering it in sys.modules, which dataclasses need.)"""
 
-    __slots__ = ("match", "request_info", "framer", "observer", "failed")
+    __slots__ = ("match", "request_info", "framer", "observer", "failed", "rules",
+                 "response_seen")
 
-    def __init__(self, match: Match) -> None:
+    def __init__(self, match: Match, rules: FlowRules | None) -> None:
         self.match = match
         self.request_info: RequestInfo | None = None
         self.framer: type[framing.Framer] | None = None  # the response is a stream of this
         self.observer: StreamObserver | None = None
         self.failed: list[Problem] = []  # our own exceptions while reading this flow
+        self.rules = rules  # the attribute rules' state, when a configuration is loaded
+        self.response_seen = False  # the response-header moment has been handled
 
 
 class AIStats:
@@ -83,6 +100,8 @@ class AIStats:
         self.bus = Bus(self._report_output)
         self.bus.on_dropped(self._dropped)
         self._attribution = Attribution()
+        self.rules: rules_config.RulesConfig | None = None  # the loaded attribute rules
+        self._watcher: asyncio.Task | None = None
         self._reported: set[str] = set()
         self.overhead = 0.0  # seconds spent in our hooks, in total
         self.records_written = 0
@@ -113,31 +132,64 @@ class AIStats:
         """Build every output whose options changed before replacing (and closing) the old
         one, so a refused change leaves the running outputs as they were."""
         old = self.settings
-        log_out: RecordLog | None = None
-        if old is None or _log_part(old) != _log_part(new):
-            log_out = self._build_log(new)
-        if old is None or _metrics_part(old) != _metrics_part(new):
-            metrics_out = self._build_metrics(new) if new.metrics else None
-            self.bus.replace("metrics", metrics_out)
-        if log_out is not None or (old is not None and not new.log_path):
-            self.bus.replace("log", log_out)
+        built: dict[str, Any] = {}
+
+        def changed(part: Callable[[settings.Settings], tuple]) -> bool:
+            return old is None or part(old) != part(new)
+
+        try:
+            if changed(_log_part):
+                built["log"] = self._build_jsonl("log", "aistats_log", new.log_path, new,
+                                                 Record.to_dict)
+            if changed(_higress_log_part):
+                built["higress_log"] = self._build_jsonl(
+                    "higress_log", "aistats_higress_log", new.higress_log_path, new, higress_line)
+            if changed(_spans_part):
+                built["spans"] = self._build_spans(new)
+            if changed(_metrics_part):  # last: at run time it takes over the endpoint
+                built["metrics"] = self._build_metrics(new) if new.metrics else None
+        except settings.SettingsError:
+            for out in built.values():
+                if out is not None and not isinstance(out, MetricsOutput):
+                    out.close()
+            raise
+        for name, out in built.items():
+            self.bus.replace(name, out)
         # Every log line costs a hook dispatch over all addons in mitmproxy (legacy add_log
         # events), so the summary is only made when the terminal shows INFO lines.
         show = new.print_summary and verbosity in ("info", "debug")
         if show != ("summary" in self.bus):
             self.bus.replace("summary", SummaryLine() if show else None)
-        self._attribution = Attribution(new.session_headers, new.consumer_header)
         self.settings = new
+        self._use_rules(new.rules)
 
-    def _build_log(self, new: settings.Settings) -> RecordLog | None:
-        if not new.log_path:
+    def _use_rules(self, rules: rules_config.RulesConfig | None) -> None:
+        """The rules' session and consumer headers come before the options' ones."""
+        cfg = self.settings
+        assert cfg is not None
+        sessions = (*(rules.session_headers if rules else ()), *cfg.session_headers)
+        consumer = (rules.consumer_header if rules else None) or cfg.consumer_header
+        self._attribution = Attribution(tuple(dict.fromkeys(sessions)), consumer)
+        self.rules = rules
+
+    def _build_jsonl(self, name: str, option: str, path: str, new: settings.Settings,
+                     to_line: Callable[[Record], dict]) -> JsonlOutput | None:
+        if not path:
             return None
         try:
-            return RecordLog(new.log_path, new.log_max_bytes, new.log_backups,
-                             on_drop=lambda n: self.bus.dropped("log", n))
+            return JsonlOutput(path, new.log_max_bytes, new.log_backups, to_line,
+                               on_drop=lambda n: self.bus.dropped(name, n))
         except OSError as e:
-            raise settings.SettingsError("aistats_log", new.log_path,
+            raise settings.SettingsError(option, path,
                                          f"a writable file path ({e.strerror or e})") from None
+
+    def _build_spans(self, new: settings.Settings) -> Any:
+        if not new.otlp_endpoint:
+            return None
+        from aistats_engine.outputs.spans import SpanOutput  # the OTel SDK only when asked
+        return SpanOutput(None if new.otlp_endpoint == "env" else new.otlp_endpoint,
+                          include_content=new.span_content,
+                          on_drop=lambda n: self.bus.dropped("spans", n))
 
     def _build_metrics(self, new: settings.Settings) -> MetricsOutput:
         out = MetricsOutput(MetricsConfig(
@@ -177,9 +229,38 @@ class AIStats:
             out = self.bus.get("metrics")
             if isinstance(out, MetricsOutput) and out.server is None:
                 self._serve_metrics(out, self.settings, None)
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_config())
         self._running = True
 
+    async def _watch_config(self) -> None:
+        """Reload the rule file when it changes (checked every second). A bad edit keeps the
+        previous rules and says why, once per edit."""
+        refused: tuple[float, int] | None = None
+        while True:
+            await asyncio.sleep(CONFIG_CHECK_SECONDS)
+            cfg = self.settings
+            if cfg is None or not cfg.config_path:
+                continue
+            path = Path(cfg.config_path).expanduser()
+            try:
+                stamp = rules_config.stamp_of(str(path))
+            except OSError:
+                continue  # gone for now (an editor replacing it): keep the rules we have
+            current = self.rules.stamp if self.rules is not None else None
+            if stamp in (current, refused):
+                continue
+            try:
+                rules = rules_config.load(str(path))
+            except settings.SettingsError as e:
+                refused = stamp
+                log.warning("aistats: %s; keeping the previous configuration", e)
+                continue
+            self._use_rules(rules)
+            log.info("aistats: reloaded %s (%d attributes)", path, len(rules.attributes))
+
     def done(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         self._publish()
         self.bus.close(wait=True)
 
@@ -188,10 +269,15 @@ class AIStats:
         with self._guard(flow, "requestheaders"):
             cfg = self.settings
             req = flow.request
-            match = match_api(req.method, req.path)
+            rules = self.rules
+            if rules is None or rules.path_suffixes is None:
+                match = match_api(req.method, req.path)
+            else:
+                match = match_configured(req.method, req.path, rules.path_suffixes)
             if match is None or cfg is None:
                 return
-            self._flows[flow.id] = _FlowState(match)
+            self._flows[flow.id] = _FlowState(
+                match, FlowRules(rules, match.api, cfg.max_attribute_bytes) if rules else None)
             while len(self._flows) > cfg.max_inflight:
                 dropped, _ = self._flows.popitem(last=False)
                 log.warning("aistats: more than %d LLM requests in flight; no record for flow %s",
@@ -204,7 +290,7 @@ class AIStats:
         with self._guard(flow, "request"):
             st = self._flows.get(flow.id)
             if st is not None:
-                st.request_info = self._read_request(flow)
+                self._read_request(st, flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         with self._guard(flow, "responseheaders"):
@@ -212,19 +298,39 @@ class AIStats:
             resp = flow.response
             if st is None or resp is None:
                 return
-            st.framer = framing.framer_for(resp.headers.get("content-type"))
-            if st.framer is None or not flow.live or callable(resp.stream):
-                return  # a whole body, a replay, or another addon already owns the stream
+            self._response_headers(st, resp)
+            if (st.framer is None or not flow.live or callable(resp.stream)
+                    or (st.rules is not None and st.rules.response_skipped)):
+                return  # a whole body, a replay, a response the rules skip, or another
+                # addon already owns the stream
             st.observer = self._stream_observer(st, flow)
             resp.stream = self._stream_fn(flow.id, st)
+
+    def _response_headers(self, st: _FlowState, resp: http.Response) -> None:
+        """Stream or not (once per flow), and the rules' response-header moment; a content type
+        the rules do not enable leaves the response unread, as Higress does."""
+        st.response_seen = True
+        ctype = resp.headers.get("content-type")
+        st.framer = framing.framer_for(ctype)
+        rules = st.rules
+        if rules is not None:
+            types = rules.cfg.content_types
+            if types and not any(t in (ctype or "").lower() for t in types):
+                rules.response_skipped = True
+            else:
+                rules.response_headers(dict(first_values(resp.headers.fields)))
 
     def _stream_observer(self, st: _FlowState, flow: http.HTTPFlow) -> StreamObserver:
         resp = flow.response
         cfg = self.settings
         assert resp is not None and cfg is not None and st.framer is not None
-        return StreamObserver(st.match.fmt, st.framer(max_event=cfg.max_event),
-                              resp.headers.get("content-encoding"), flow.request.timestamp_start,
-                              max_body=cfg.max_body, max_chunk_times=cfg.max_chunk_times)
+        observer = StreamObserver(st.match.fmt, st.framer(max_event=cfg.max_event),
+                                  resp.headers.get("content-encoding"),
+                                  flow.request.timestamp_start, max_body=cfg.max_body,
+                                  max_chunk_times=cfg.max_chunk_times)
+        if st.rules is not None and st.rules.wants_events:
+            observer.reader.tap = st.rules.event
+        return observer
 
     def _stream_fn(self, flow_id: str, st: _FlowState) -> Callable[[bytes], bytes]:
         """The ``flow.response.stream`` callable: returns every chunk as it came. Reading
@@ -271,11 +377,17 @@ class AIStats:
             self._finish(flow)
 
     # -- finalisation ----------------------------------------------------------------------
-    def _read_request(self, flow: http.HTTPFlow) -> RequestInfo:
+    def _read_request(self, st: _FlowState, flow: http.HTTPFlow) -> None:
         cfg = self.settings
         req = flow.request
-        return read_request(req.raw_content, req.headers.get("content-encoding"),
-                            cfg.max_body if cfg is not None else settings.DEFAULT_MAX_BODY)
+        rules = st.rules
+        body: list[Any] = []
+        st.request_info = read_request(
+            req.raw_content, req.headers.get("content-encoding"),
+            cfg.max_body if cfg is not None else settings.DEFAULT_MAX_BODY,
+            body.append if rules is not None else None)
+        if rules is not None:
+            rules.request(dict(first_values(req.headers.fields)), body[0] if body else None)
 
     def _finish(self, flow: http.HTTPFlow) -> None:
         st = self._flows.pop(flow.id, None)
@@ -283,13 +395,16 @@ class AIStats:
             return
         resp = flow.response
         if st.request_info is None:
-            st.request_info = self._read_request(flow)
-        if resp is not None and st.framer is None:  # the responseheaders hook did not run
-            st.framer = framing.framer_for(resp.headers.get("content-type"))
+            self._read_request(st, flow)
+        if resp is not None and not st.response_seen:
+            self._response_headers(st, resp)  # the responseheaders hook did not run
         timing: StreamTiming | None = None
         parsed: Parsed | None = None
         try:
-            timing, parsed = self._read_response(st, flow)
+            if st.rules is None or not st.rules.response_skipped:
+                timing, parsed = self._read_response(st, flow)
+            if parsed is not None and st.rules is not None and st.rules.cfg.disable_openai_usage:
+                parsed.usage, parsed.usage_source = Usage(), "missing"
         except Exception as e:  # a reader failure still gives a record, marked
             self._failed(flow.id, st, "finish", e)
         rec_args = (_request_meta(flow), st.match, st.request_info,
@@ -298,7 +413,7 @@ class AIStats:
         stream = st.framer is not None
         try:
             rec = build_record(next(self._ids), *rec_args, parsed, stream, timing, failure,
-                               self._attribution, tuple(st.failed))
+                               self._attribution, tuple(st.failed), st.rules)
         except Exception as e:
             self._failed(flow.id, st, "record", e)
             rec = build_record(next(self._ids), *rec_args, None, stream, None, failure,
@@ -343,7 +458,8 @@ class AIStats:
             obs.feed_all(resp.raw_content or b"")
             return obs.finish(complete=flow.error is None)
         return parse_body(st.match.fmt, resp.raw_content, resp.headers.get("content-encoding"),
-                          max_body=self.settings.max_body)
+                          max_body=self.settings.max_body,
+                          tap=st.rules.body if st.rules is not None else None)
 
     def _emit(self, event: Finished) -> None:
         """Hand the record to the outputs, on the next loop turn when there is a loop: the

@@ -13,7 +13,7 @@ from mitmproxy import exceptions
 from aistats_engine.outputs.bus import Bus, Finished, Started
 from aistats_engine.outputs.metrics import MetricsConfig
 from aistats_engine.outputs.metrics_output import MetricsOutput
-from aistats_engine.outputs.record_log import RecordLog
+from aistats_engine.outputs.jsonl_output import JsonlOutput
 from aistats_engine.outputs.summary import SummaryLine
 from aistats_engine.record.record import Record
 from fixtures import OPENAI_CHAT
@@ -79,7 +79,7 @@ def test_finished_event_headers_are_redacted_first_values():
 
 
 def test_record_log_output_alone(tmp_path):
-    out = RecordLog(str(tmp_path / "r.jsonl"), 0, 0)
+    out = JsonlOutput(str(tmp_path / "r.jsonl"), 0, 0)
     out.finished(_finished())
     out.close(wait=True)
     line = json.loads((tmp_path / "r.jsonl").read_text())

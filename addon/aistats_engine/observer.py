@@ -10,6 +10,7 @@ and its text), never an exception: the request still gets its record.
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
@@ -360,8 +361,10 @@ def _decode_problem(e: DecodeError) -> Problem:
 
 
 def parse_body(fmt: WireFormat | str | None, body: bytes | None, content_encoding: str | None,
-               max_body: int = DEFAULT_MAX_BODY) -> Parsed:
-    """A whole (non-streamed) response body, decoded up to ``max_body`` bytes."""
+               max_body: int = DEFAULT_MAX_BODY,
+               tap: Callable[[Any], None] | None = None) -> Parsed:
+    """A whole (non-streamed) response body, decoded up to ``max_body`` bytes; ``tap`` sees the
+    parsed JSON (the attribute rules that read the response body)."""
     state = ResponseState(_fmt(fmt))
     if not body:
         return _parsed_from(state, [Problem(EMPTY_BODY, "empty response body")])
@@ -378,6 +381,8 @@ def parse_body(fmt: WireFormat | str | None, body: bytes | None, content_encodin
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
         return _parsed_from(state, [Problem(INVALID_JSON, "invalid JSON")])
+    if tap is not None:
+        tap(obj)
     state.on_body(obj)
     parsed = _parsed_from(state, [])
     parsed.body_error = errors.message_from(obj)

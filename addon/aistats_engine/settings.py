@@ -9,14 +9,20 @@ the option, the value and the expected form.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .outputs.logsink import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
 from .outputs.metrics import DURATION_BUCKETS
 from .observer import DEFAULT_MAX_BODY, DEFAULT_MAX_CHUNK_TIMES, DEFAULT_MAX_EVENT
 from .record.builder import DEFAULT_CONSUMER_HEADER, DEFAULT_SESSION_HEADERS
+from .rules import DEFAULT_MAX_ATTRIBUTE_BYTES
+
+if TYPE_CHECKING:
+    from .rules.config import RulesConfig
 
 DEFAULT_MAX_INFLIGHT = 10_000
 DEFAULT_METRICS_PORT = 9464
@@ -70,6 +76,19 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("aistats_metrics_ttft_buckets", "",
                "Seconds, comma-separated, for the time-to-first-chunk histogram "
                "(empty: 0.01 … 81.92)."),
+    OptionSpec("aistats_config", "",
+               "Attribute-rule configuration file, YAML or JSON: Higress ai-statistics' plugin "
+               "configuration as is (empty: none). Reloaded when it changes."),
+    OptionSpec("aistats_max_attribute_bytes", str(DEFAULT_MAX_ATTRIBUTE_BYTES),
+               "Per-flow bound on text the rules append from a stream (bytes, or 1MiB)."),
+    OptionSpec("aistats_higress_log", "",
+               "Also write Higress's access-log form, one {\"ai_log\": \"...\"} per line "
+               "(empty: off)."),
+    OptionSpec("aistats_otlp_endpoint", "",
+               "OTLP/HTTP endpoint for one span per request, e.g. http://127.0.0.1:4318 "
+               "(empty: off; 'env': the OTEL_EXPORTER_OTLP_* variables)."),
+    OptionSpec("aistats_span_content", "false",
+               "Put message content (question, answer, ...) on spans (true/false)."),
 )
 
 
@@ -92,6 +111,12 @@ class Settings:
     metrics_label_limit: int
     duration_buckets: tuple[float, ...]
     ttft_buckets: tuple[float, ...]
+    config_path: str = ""
+    rules: RulesConfig | None = None
+    max_attribute_bytes: int = DEFAULT_MAX_ATTRIBUTE_BYTES
+    higress_log_path: str = ""
+    otlp_endpoint: str = ""
+    span_content: bool = False
 
     def describe(self) -> str:
         """The effective configuration, for the start-up log line."""
@@ -102,7 +127,10 @@ class Settings:
                 f"session_headers={','.join(self.session_headers)} "
                 f"consumer_header={self.consumer_header} "
                 f"metrics={f'{self.metrics_host}:{self.metrics_port}' if self.metrics else 'off'} "
-                f"label_limit={self.metrics_label_limit} server_trio={self.metrics_server_trio}")
+                f"label_limit={self.metrics_label_limit} server_trio={self.metrics_server_trio} "
+                f"config={self.config_path or 'none'} "
+                f"higress_log={self.higress_log_path or 'off'} "
+                f"otlp={self.otlp_endpoint or 'off'} span_content={self.span_content}")
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*$", re.IGNORECASE)
@@ -176,6 +204,15 @@ def parse(values: Mapping[str, object]) -> Settings:
     host = str(v["aistats_metrics_host"]).strip()
     if not host:
         raise SettingsError("aistats_metrics_host", host, "an address such as 127.0.0.1")
+    config_path = str(v["aistats_config"]).strip()
+    rules = None
+    if config_path:
+        from .rules import config  # lazy: the rules import this module's SettingsError
+        rules = config.load(os.path.expanduser(config_path))
+    otlp = str(v["aistats_otlp_endpoint"]).strip()
+    if otlp and otlp != "env" and not re.match(r"^https?://[^/\s]+", otlp):
+        raise SettingsError("aistats_otlp_endpoint", otlp,
+                            "an http(s) URL such as http://127.0.0.1:4318, or env")
     return Settings(
         log_path=str(v["aistats_log"]).strip(),
         log_max_bytes=_size("aistats_log_max_bytes", v["aistats_log_max_bytes"], 0),
@@ -197,4 +234,11 @@ def parse(values: Mapping[str, object]) -> Settings:
                                   v["aistats_metrics_duration_buckets"], DURATION_BUCKETS),
         ttft_buckets=_buckets("aistats_metrics_ttft_buckets", v["aistats_metrics_ttft_buckets"],
                               DURATION_BUCKETS),
+        config_path=config_path,
+        rules=rules,
+        max_attribute_bytes=_size("aistats_max_attribute_bytes",
+                                  v["aistats_max_attribute_bytes"], 1),
+        higress_log_path=str(v["aistats_higress_log"]).strip(),
+        otlp_endpoint=otlp,
+        span_content=_bool("aistats_span_content", v["aistats_span_content"]),
     )

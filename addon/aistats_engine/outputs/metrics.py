@@ -594,7 +594,8 @@ class Metrics:
             if out is not None and out > 1:
                 tpot = max(duration_s - ttft_s, 0.0) / (out - 1)
         higress = (
-            self._higress_labels(record, failed, server, address) if self._higress is not None else None
+            self._higress_labels(record, failed, server, address)
+            if self._higress is not None and record.higress_counted else None
         )
         own = (provider, request_model) + consumer
         tokens = (

@@ -7,16 +7,20 @@ the parsed body, the stored chunk clock), which is what makes replayed records i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..observer import Parsed, StreamTiming
 from ..wire.format import Match
 from ..wire.reader import RequestInfo
 from . import errors, problems
 from .clients import client_name
-from .problems import DECOMPRESSION, Problem
+from .problems import BODY_TOO_LARGE, DECOMPRESSION, Problem
 from .providers import decide_provider
 from .record import Record, rfc3339_ms
 from .redact import Redactor
+
+if TYPE_CHECKING:
+    from ..rules.engine import FlowRules
 
 DEFAULT_SESSION_HEADERS = ("x-session-id", "x-litellm-session-id", "x-agent-session",
                            "x-openclaw-session-key", "x-clawdbot-session-key",
@@ -121,6 +125,7 @@ def build_record(
     failure: Failure | None,
     attribution: Attribution,
     extra_problems: tuple[Problem, ...] = (),
+    rules: FlowRules | None = None,
 ) -> Record:
     p = parsed or Parsed()
     ok = resp is not None and 200 <= resp.status < 300
@@ -141,7 +146,7 @@ def build_record(
         stream=stream,
         provider=decide_provider(match, req.host, req.port, set(p.hints)),
         api=match.api,
-        operation=match.operation,
+        operation=match.operation or None,
         model=match.model_from_path or request_info.model or p.response_model,
         response_model=p.response_model,
         duration_ms=_ms(req.t_start, end),
@@ -192,6 +197,13 @@ def build_record(
                 (rec.output_tokens - 1) / (rec.decode_ms / 1000), 3)
     elif stream and timing is not None:
         rec.chunks = 0
+    if rules is not None:
+        rules.finish(rec, stream)
+        if rules.truncated:
+            found.append(Problem(BODY_TOO_LARGE, "attribute values appended from the stream over "
+                                                 "aistats_max_attribute_bytes: cut"))
+        if rules.response_skipped or rules.cfg.disable_openai_usage:
+            rec.higress_counted = False
     rec.parse_error = problems.detail_text(found)
     rec.parse_error_kinds = problems.kinds(found)
     Redactor(req.secrets).record(rec)

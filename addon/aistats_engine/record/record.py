@@ -76,17 +76,29 @@ class Record:
     content_offsets_ms: list[float] = field(default_factory=list, repr=False)
     # Not logged: the fixed kinds (record/problems.py) behind ``parse_error``, for metrics.
     parse_error_kinds: tuple[str, ...] = field(default=(), repr=False)
+    # From the attribute rules (rules/engine.py): ``as_separate_log_field`` attributes, written
+    # at the top level of the logged object; ``apply_to_span`` attributes by their span key, the
+    # message-content ones apart (spans carry those only on opt-in).
+    log_fields: dict[str, Any] = field(default_factory=dict, repr=False)
+    span_attributes: dict[str, Any] = field(default_factory=dict, repr=False)
+    span_content_attributes: dict[str, Any] = field(default_factory=dict, repr=False)
+    # False when the rules' content-type filter skipped the response or usage was disabled:
+    # Higress's counters do not move for such a request (its writeMetric is not reached).
+    higress_counted: bool = field(default=True, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of record.md (``schema`` first, internal fields left out)."""
         out: dict[str, Any] = {"schema": SCHEMA}
-        for f in _LOGGED_FIELDS:
+        for f in LOGGED_FIELDS:
             out[f] = getattr(self, f)
+        if self.log_fields:
+            out.update(self.log_fields)
         return out
 
 
-_INTERNAL_FIELDS = frozenset({"content_offsets_ms", "parse_error_kinds"})
-_LOGGED_FIELDS = tuple(f.name for f in dataclasses.fields(Record) if f.name not in _INTERNAL_FIELDS)
+_INTERNAL_FIELDS = frozenset({"content_offsets_ms", "parse_error_kinds", "log_fields",
+                              "span_attributes", "span_content_attributes", "higress_counted"})
+LOGGED_FIELDS = tuple(f.name for f in dataclasses.fields(Record) if f.name not in _INTERNAL_FIELDS)
 
 
 def rfc3339_ms(ts: float) -> str:

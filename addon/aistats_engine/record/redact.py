@@ -13,7 +13,10 @@ import base64
 import binascii
 import re
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import parse_qsl
+
+import orjson
 
 from .record import Record
 
@@ -100,9 +103,28 @@ class Redactor:
                 text = text.replace(s, REDACTED)
         return _SHAPES.sub(REDACTED, text) if text else text
 
+    def value(self, v: Any) -> Any:
+        """A JSON value with secrets redacted in every string inside it."""
+        if isinstance(v, str):
+            return self(v)
+        if v is None or isinstance(v, (bool, int, float)):
+            return v
+        text = orjson.dumps(v).decode()
+        clean = self(text)
+        if clean == text:
+            return v
+        try:
+            return orjson.loads(clean)
+        except orjson.JSONDecodeError:
+            return clean
+
     def record(self, rec: Record) -> None:
-        """Redact the record's text fields in place."""
+        """Redact the record's text fields and attribute values in place."""
         for name in _TEXT_FIELDS:
             v = getattr(rec, name)
             if v:
                 setattr(rec, name, self(v))
+        for d in (rec.attributes, rec.log_fields, rec.span_attributes,
+                  rec.span_content_attributes):
+            for k, v in d.items():
+                d[k] = self.value(v)

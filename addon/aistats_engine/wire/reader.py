@@ -8,7 +8,9 @@ format shares: JSON parsing, the short path, error events, and the fields most s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -31,9 +33,10 @@ class RequestInfo:
 
 
 def read_request(raw: bytes | None, content_encoding: str | None = None,
-                 max_body: int = 16 << 20) -> RequestInfo:
+                 max_body: int = 16 << 20,
+                 tap: Callable[[Any], None] | None = None) -> RequestInfo:
     """The request body's facts; the body is read only up to ``max_body`` bytes, raw and
-    decoded."""
+    decoded. ``tap`` sees the parsed JSON (the attribute rules that read the request body)."""
     if not raw:
         return RequestInfo()
     if len(raw) > max_body:
@@ -46,6 +49,8 @@ def read_request(raw: bytes | None, content_encoding: str | None = None,
         return RequestInfo(problem=Problem(INVALID_REQUEST, f"request body not decoded: {e}"))
     except orjson.JSONDecodeError:
         return RequestInfo(problem=Problem(INVALID_REQUEST, "request body is not valid JSON"))
+    if tap is not None:
+        tap(obj)
     if not isinstance(obj, dict):
         return RequestInfo()
     model = obj.get("model") if isinstance(obj.get("model"), str) else None
@@ -78,7 +83,7 @@ class ResponseState:
 
     __slots__ = ("fmt", "usage", "stats", "finish_reason", "response_model", "chat_id", "error",
                  "error_type", "hints", "events", "invalid_events", "complete", "primed",
-                 "fast", "_short")
+                 "fast", "_short", "tap")
 
     def __init__(self, fmt: WireFormat) -> None:
         self.fmt = fmt
@@ -96,6 +101,8 @@ class ResponseState:
         self.primed = False  # one event went through the full reading (ids, model)
         self.fast = True  # let plain delta events take the format's short path
         self._short = fmt.short
+        # Sees every parsed event (the attribute rules that read the stream); None: no cost.
+        self.tap: Callable[[str | None, dict], None] | None = None
 
     # -- streams ---------------------------------------------------------------------------
     def on_event(self, name: str | None, data: bytes) -> bool:
@@ -119,6 +126,8 @@ class ResponseState:
             return False
         if obj.__class__ is not dict:
             return False
+        if self.tap is not None:
+            self.tap(name, obj)
         if self.primed and self.fast:
             short = self._short
             if short is not None:

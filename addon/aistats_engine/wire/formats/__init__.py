@@ -10,7 +10,7 @@ import re
 from urllib.parse import unquote
 
 from ..format import Match, WireFormat
-from . import anthropic, bedrock, gemini, ollama, openai, responses
+from . import anthropic, bedrock, gemini, generic, ollama, openai, responses
 
 FORMATS: tuple[WireFormat, ...] = (
     openai.CHAT_COMPLETIONS,
@@ -49,6 +49,18 @@ def _match_path(path: str) -> Match | None:
         if m is not None:
             return m
     return None
+
+
+def match_configured(method: str, path: str, suffixes: tuple[str, ...]) -> Match | None:
+    """A path the user's configuration names (Higress ``enable_path_suffixes``; ``()`` = every
+    path): the format aistats knows for it, else the generic reading. Paths it does not name
+    are not observed, known or not."""
+    bare = path.split("?", 1)[0]
+    if suffixes and not bare.endswith(suffixes):
+        return None
+    if method.upper() in ("CONNECT", "OPTIONS", "HEAD"):
+        return None
+    return match_api(method, path) or Match(generic.GENERIC)
 
 
 def match_api(method: str, path: str) -> Match | None:

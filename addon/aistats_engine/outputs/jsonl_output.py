@@ -1,19 +1,24 @@
-"""The JSONL record log as an output: one ``record.md`` object per line (``JsonlSink`` does the
-writing, rotation and recovery off the event loop)."""
+"""A JSON Lines file as an output: one line per record, made by ``to_line`` (the record's own
+``to_dict`` for the record log, ``higress_log.line`` for Higress's access-log form).
+``JsonlSink`` does the writing, rotation and recovery off the event loop."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from ..record.record import Record
 from .bus import Finished, Started
 from .logsink import JsonlSink
 
 
-class RecordLog:
+class JsonlOutput:
     def __init__(self, path: str, max_bytes: int, backups: int,
+                 to_line: Callable[[Record], dict[str, Any]] = Record.to_dict,
                  on_drop: Callable[[int], None] | None = None) -> None:
         """Opens the file now (OSError for a path that cannot be written)."""
+        self.to_line = to_line
         self.sink = JsonlSink(Path(path).expanduser(), max_bytes=max_bytes, backups=backups,
                               on_drop=on_drop)
 
@@ -21,7 +26,7 @@ class RecordLog:
         pass
 
     def finished(self, event: Finished) -> None:
-        self.sink.write(event.record.to_dict())
+        self.sink.write(self.to_line(event.record))
 
     def close(self, wait: bool = False) -> None:
         self.sink.close(wait=wait)
