@@ -60,3 +60,17 @@ def check_expect(record: dict, expect: dict) -> list[str]:
 
 def drop_ids(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k != "id"}
+
+
+def check_record(record: dict | None, want: dict) -> list[str]:
+    """``check_expect`` for a Higress case's ``expect.record``: ``attributes`` are compared key by
+    key (a wanted null also accepts an absent key: the source was not read)."""
+    if record is None:
+        return ["no record"]
+    problems = check_expect(record, {k: v for k, v in want.items() if k != "attributes"})
+    attrs = record.get("attributes") or {}
+    for key, value in (want.get("attributes") or {}).items():
+        got = attrs.get(key)
+        if got != value or type(got) is not type(value):
+            problems.append(f"attributes.{key}: got {got!r}, want {value!r}")
+    return problems

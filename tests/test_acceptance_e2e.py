@@ -2,9 +2,8 @@
 case, httpx as the client; then ``mitmdump -nr`` of the ``-w`` flow file. Both runs must meet
 every case's expectations and give identical records (ids aside).
 
-llama_swap_cases.json: ``expect`` in full. higress_cases.json: ``expect.record`` except
-``attributes`` and the ``no_record`` case, which need the Higress attribute rules and path
-filters, not built yet; their metric expectations run in test_metrics_e2e.py."""
+llama_swap_cases.json: ``expect`` in full (the Higress cases, each with its own plugin
+configuration, are in test_acceptance_higress.py)."""
 
 from __future__ import annotations
 
@@ -19,8 +18,6 @@ from mitm import Mitmdump, replay
 from upstream import Reply, Upstream
 
 CASES = load_cases("llama_swap_cases.json")
-HIGRESS = load_cases("higress_cases.json")
-LATER = "Higress attribute rules and path filters are not built yet"
 
 
 def run_cases(cases: list[dict], tmp) -> dict:
@@ -57,14 +54,6 @@ def runs(tmp_path_factory):
     return run_cases(CASES, tmp_path_factory.mktemp("acceptance"))
 
 
-@pytest.fixture(scope="module")
-def higress_runs(tmp_path_factory):
-    cases = [c for c in HIGRESS if "record" in c["expect"]]
-    out = run_cases(cases, tmp_path_factory.mktemp("higress"))
-    assert len(out["live"]) == len(out["replay"]) == len(cases)
-    return {c["name"]: (live, rep) for c, live, rep in zip(cases, out["live"], out["replay"])}
-
-
 def test_one_record_per_case_live_and_replay(runs):
     assert len(runs["live"]) == len(CASES)
     assert len(runs["replay"]) == len(CASES)
@@ -78,15 +67,3 @@ def test_case(runs, i):
     assert check_expect(live, case["expect"]) == [], "live"
     assert check_expect(replayed, case["expect"]) == [], "replay"
     assert drop_ids(replayed) == drop_ids(live)
-
-
-@pytest.mark.parametrize("case", HIGRESS, ids=[c["name"] for c in HIGRESS])
-def test_higress_case_record(higress_runs, case):
-    if "record" not in case["expect"]:
-        pytest.skip(f"{LATER} ({', '.join(case['expect'])})")
-    live, replayed = higress_runs[case["name"]]
-    want = {k: v for k, v in case["expect"]["record"].items() if k != "attributes"}
-    assert check_expect(live, want) == [], "live"
-    assert drop_ids(replayed) == drop_ids(live)
-    if "attributes" in case["expect"]["record"]:
-        pytest.xfail(f"{LATER}: attributes {sorted(case['expect']['record']['attributes'])}")

@@ -20,7 +20,6 @@ import re
 import socket
 import subprocess
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -29,77 +28,11 @@ import openai
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
-from casekit import case_chunks
-from conftest import load_cases
+from scrapekit import OPENMETRICS_ACCEPT, WAIT_S, samples, scrape, total, wait_records
 from mitm import stop_process, ADDON, Mitmdump, build_args, free_port, port_open, start_mitmdump_expect_failure
 from upstream import (
     JSON_HEADERS, SSE_HEADERS, Reply, Upstream, anthropic_messages_stream, openai_chat_json,
     openai_chat_stream, openai_responses_stream, openai_usage)
-
-OPENMETRICS_ACCEPT = "application/openmetrics-text; version=1.0.0; charset=utf-8"
-WAIT_S = 15.0  # bound on every wait for a record to reach the metrics
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-# -- scraping ------------------------------------------------------------------------------------
-
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore *_proxy env vars
-
-
-def scrape(url: str, accept: str | None = None) -> str:
-    req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
-    with _DIRECT.open(req, timeout=5) as r:
-        assert r.status == 200
-        return r.read().decode()
-
-
-_SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+-?\d+)?$')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)",?')
-_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
-
-
-def samples(text: str, prefixes: tuple[str, ...] = ("",)) -> Samples:
-    """Prometheus 0.0.4 text → {(sample name as exposed, sorted labels): value}, for names with
-    one of ``prefixes``. (prometheus_client's parser would rename the Higress counters, which
-    have no ``_total``, to ``..._total``; Prometheus itself keeps the exposed names.)"""
-    out: Samples = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        assert m, f"not a sample line: {line!r}"
-        name, labels, value = m.groups()
-        if not name.startswith(prefixes):
-            continue
-        pairs = tuple(sorted(
-            (k, re.sub(r"\\[\\\"n]", lambda e: _UNESCAPE[e.group()], v))
-            for k, v in _LABEL.findall(labels or "")))
-        key = (name, pairs)
-        assert key not in out, f"duplicate series {key}"
-        out[key] = float(value)
-    return out
-
-
-def total(smp: Samples, name: str, **labels: str) -> float:
-    """Sum of the samples named ``name`` whose labels include ``labels``."""
-    return sum(v for (n, lbl), v in smp.items()
-               if n == name and all(dict(lbl).get(k) == want for k, want in labels.items()))
-
-
-def wait_records(url: str, n: float) -> Samples:
-    """Scrape until ``aistats_records_total`` sums to ``n`` (bounded); the last scrape's samples."""
-    deadline = time.monotonic() + WAIT_S
-    got = -1.0
-    while time.monotonic() < deadline:
-        smp = samples(scrape(url))
-        got = total(smp, "aistats_records_total")
-        if got == n:
-            return smp
-        assert got < n, f"aistats_records_total = {got}, more than {n}"
-        time.sleep(0.05)
-    raise AssertionError(f"aistats_records_total = {got}, want {n} (after {WAIT_S} s)")
-
 
 def metrics_url_in(output: str) -> str | None:
     m = re.search(r"aistats: metrics on (http://\S+/metrics)", output)
@@ -293,73 +226,9 @@ def test_exemplars_link_latency_to_the_record(live_run) -> None:
         raise AssertionError("no output-token exemplar for the stream's record")
 
 
-# -- (e): Higress acceptance cases -----------------------------------------------------------------
-
-HIGRESS_CASES = [c for c in load_cases("higress_cases.json")
-                 if "higress_counters" in c["expect"] or "higress_labels" in c["expect"]]
-# Config keys that only name headers (the consumer and session id): map to addon options.
-HEADER_CONFIG = {"session_id_header": "aistats_session_headers",
-                 "consumer_header": "aistats_consumer_header"}
-HIGRESS = "route_upstream_model_consumer_metric_"
-
-
-@pytest.fixture(scope="module")
-def higress_runs(tmp_path_factory):
-    """Each runnable case through a live mitmdump: the counter increase per name, summed over
-    label sets, and the label sets that moved."""
-    tmp = tmp_path_factory.mktemp("higress")
-    results: dict[str, dict] = {}
-    # Counters and labels do not depend on a case's attribute rules (those shape log and span
-    # attributes, a later issue): only the config keys that name headers are applied.
-    runnable = HIGRESS_CASES
-    groups: dict[tuple, list[dict]] = {}
-    for case in runnable:
-        opts = tuple(sorted((HEADER_CONFIG[k], str(v)) for k, v in (case.get("config") or {}).items()
-                            if k in HEADER_CONFIG))
-        groups.setdefault(opts, []).append(case)
-    with Upstream() as up:
-        for case in runnable:
-            up.add(case["name"], Reply(status=case["response"]["status"],
-                                       headers=list(case["response"]["headers"].items()),
-                                       chunks=case_chunks(case)))
-        for opts, cases in groups.items():
-            with Mitmdump(tmp, options=dict(opts)) as m, \
-                    httpx.Client(proxy=m.proxy_url, timeout=30) as client:
-                url = m.metrics_url()
-                n = 0
-                before = samples(scrape(url), (HIGRESS,))
-                for case in cases:
-                    req = case["request"]  # its host is a made-up name: the loopback upstream serves it
-                    r = client.request(req["method"], up.url + req["path"], content=req["body"].encode(),
-                                       headers={**req.get("headers", {}), "x-aistats-case": case["name"]})
-                    assert r.status_code == case["response"]["status"]
-                    n += 1
-                    after = {k: v for k, v in wait_records(url, n).items() if k[0].startswith(HIGRESS)}
-                    increase: dict[str, float] = {}
-                    moved: set[tuple] = set()
-                    for (name, labels), v in after.items():
-                        d = v - before.get((name, labels), 0.0)
-                        increase[name[len(HIGRESS):]] = increase.get(name[len(HIGRESS):], 0.0) + d
-                        if d:
-                            moved.add(labels)
-                    results[case["name"]] = {"increase": increase, "moved": [dict(x) for x in moved]}
-                    before = after
-    return results
-
-
-@pytest.mark.parametrize("case", HIGRESS_CASES, ids=[c["name"] for c in HIGRESS_CASES])
-def test_higress_case_counters_and_labels(higress_runs, case) -> None:
-    got = higress_runs[case["name"]]
-    for name, want in case["expect"].get("higress_counters", {}).items():
-        assert got["increase"].get(name, 0.0) == want, (name, got["increase"])
-    assert got["moved"], "no Higress series moved"
-    for labels in got["moved"]:
-        for key, want in case["expect"].get("higress_labels", {}).items():
-            assert labels[key] == want, (key, labels)
-
-
 # -- (f): label flood ------------------------------------------------------------------------------
 
+HIGRESS_PREFIX = "route_upstream_model_consumer_metric_"
 FLOOD = 500
 LIMIT = 20
 MODEL_LABELS = ("gen_ai_request_model", "gen_ai_response_model", "ai_model", "model")
@@ -402,6 +271,6 @@ def test_label_flood_is_bounded(tmp_path: Path) -> None:
     per_model = sum(1 for (_, labels) in smp if (("gen_ai_request_model", admitted) in labels
                                                  or ("model", admitted) in labels))
     no_model = sum(1 for (_, labels) in smp if not any(k in MODEL_LABELS for k, _ in labels))
-    higress = sum(1 for (name, _) in smp if name.startswith(HIGRESS))
+    higress = sum(1 for (name, _) in smp if name.startswith(HIGRESS_PREFIX))
     assert len(smp) <= (LIMIT + 1) * per_model + no_model + higress, len(smp)
     assert len(smp) < FLOOD * per_model / 10

@@ -106,6 +106,22 @@ def test_gjson_values(query, obj, expected):
     assert compile_path(query).get(obj) == expected
 
 
+@pytest.mark.parametrize("go_style,quoted", [
+    ("messages.#(role==user).content", 'messages.#(role=="user").content'),
+    ("messages.#(role==user)#.content", 'messages.#(role=="user")#.content'),
+    ("messages.#(role!=user)#.role", 'messages.#(role!="user")#.role'),
+    ("messages.#(role%us*)#.content", 'messages.#(role%"us*")#.content'),
+    ('friends.#(nets.#(==fb))#.first', 'friends.#(nets.#(=="fb"))#.first'),
+])
+def test_unquoted_query_values_are_strings(go_style, quoted):
+    """tidwall/gjson (Higress) compares an unquoted query value as a string; gjson-py alone
+    would reject it."""
+    assert reference(CHAT, go_style) is None or reference(ITEMS, go_style) is None
+    for obj in (CHAT, ITEMS):
+        assert compile_path(go_style).get(obj) == reference(obj, quoted)
+    assert compile_path(go_style).get(CHAT) is not None or compile_path(go_style).get(ITEMS)
+
+
 def test_parsed_once(monkeypatch):
     """Evaluation never re-parses the query."""
     path = compile_path('friends.#(last=="Murphy")#.first')
@@ -155,7 +171,7 @@ def test_jsonpath_single_match_of_a_list_is_the_list():
 
 @pytest.mark.parametrize("text", [
     "", "a..b", "a.", ".a", "a|", "messages.@nosuchmodifier", "a.@", "a\\",
-    "messages.#(role==user)", "messages.#(role==~maybe)", "messages.#()", "a.@reverse:x",
+    "messages.#(role==~maybe)", "messages.#()", "a.@reverse:x",
     "$[", "$.a[?(@.b==)]", "$..[", "$.a[", "${",
 ])
 def test_compile_errors(text):

@@ -511,12 +511,8 @@ class SpanOutput:
         Without ``wait`` this happens in a daemon thread and close returns at once; with it, close
         returns within ``timeout`` + 0.5 s."""
         with self._lock:
-            if self._closed:
-                closing = None
-            else:
-                self._closed = True
-                closing = True
-        if closing is None:
+            already, self._closed = self._closed, True
+        if already:
             if wait:
                 self.wait_closed(timeout if timeout is not None else self.export_timeout_s + 1.5)
             return
@@ -565,7 +561,8 @@ class SpanOutput:
                 return
             self._finalized = True
             lost = self._accepted_n - self.exported - self._failed_n
-        self._drop(max(0, lost), "not exported before close", _FINAL)
+        if lost > 0:
+            self._drop(lost, "not exported before close", _FINAL)
 
     # -- accounting (the exporter's thread, the event loop, the closing thread) --
     def _accepted(self) -> None:

@@ -35,9 +35,6 @@ SOURCES = (FIXED_VALUE, REQUEST_HEADER, REQUEST_BODY, RESPONSE_HEADER, RESPONSE_
            RESPONSE_STREAMING_BODY)
 BODY_SOURCES = frozenset({REQUEST_BODY, RESPONSE_BODY, RESPONSE_STREAMING_BODY})
 RULES = ("first", "replace", "append")
-# What a built-in implies on a stream when no rule is configured (Higress's code passes the
-# empty rule on and records nothing; its README promises the answer).
-BUILTIN_STREAM_RULES = {"answer": "append", "reasoning": "append"}
 
 DEFAULT_VALUE_LENGTH_LIMIT = 32_000
 DEFAULT_ATTRIBUTES_LIMIT = 10 << 20  # use_default_attributes
@@ -276,8 +273,6 @@ class _Checker:
         if rule is None and source == RESPONSE_STREAMING_BODY and not builtin:
             raise self.fail(f"{at}.rule", None,
                             "first, replace or append (how events of a stream combine)")
-        if rule is None and builtin:
-            rule = BUILTIN_STREAM_RULES.get(key)
         default = a.get("default_value")
         if default is not None and not isinstance(default, (str, int, float, bool)):
             raise self.fail(f"{at}.default_value", default, "a string or a number")

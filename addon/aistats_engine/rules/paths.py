@@ -2,8 +2,9 @@
 
 Higress reads ``value`` with tidwall/gjson; we take that syntax verbatim through gjson-py
 (``choices.0.delta.content``, ``messages.@reverse.0.content``, ``#(...)`` / ``#(...)#`` queries,
-``#`` counts, ``items.#.name``, escapes, wildcards, multipaths, literals). A path starting with
-``$`` is a JSONPath instead (jsonpath-ng's extended grammar, so filters work).
+``#`` counts, ``items.#.name``, escapes, wildcards, multipaths, literals). One tidwall leniency
+gjson-py lacks is added: an unquoted query value is a string (``#(role==user)``). A path starting
+with ``$`` is a JSONPath instead (jsonpath-ng's extended grammar, so filters work).
 
 gjson-py re-parses its query on every ``get``; on a proxy's hot path that parse is most of the
 cost, so :class:`CompiledPath` parses once and later only applies the parsed parts. That uses
@@ -122,7 +123,7 @@ def _gjson_reason(e: GJSONError) -> str:
 
 def _check_parts(parts: list[Any]) -> str | None:
     """What gjson-py only notices while evaluating, but a configuration can be told at load:
-    unknown modifiers and query values that are not JSON."""
+    unknown modifiers and bad truthiness tokens. Also adapts unquoted query values."""
     for part in parts:
         if isinstance(part, ModifierQueryPart):
             if part.name not in _BUILTIN_MODIFIERS:
@@ -157,7 +158,9 @@ def _check_query(part: ArrayQueryQueryPart) -> str | None:
     try:
         json.loads(value, strict=False)
     except ValueError:
-        return f"query value {value!r} is not JSON (quote strings)"
+        # tidwall/gjson compares an unquoted value as a string (``#(role==user)``); gjson-py
+        # wants JSON there, so it gets the JSON string.
+        part.value = json.dumps(value)
     return None
 
 
