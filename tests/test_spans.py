@@ -5,9 +5,9 @@ Every test stops what it starts: the output is closed (and its threads joined wi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -26,17 +26,9 @@ T1 = T0 + 1.5
 PARENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 PARENT_SPAN = "b7ad6b7169203331"
 
-_RECORD_FIELDS = {f.name for f in dataclasses.fields(Record)}
-
-
-class _OpenRecord(Record):
-    """Takes attributes Record does not have yet (span_attributes, span_content_attributes are
-    being added by another change)."""
-
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
     for k in list(os.environ):
         if k.startswith("OTEL_"):
             monkeypatch.delenv(k)
@@ -44,25 +36,13 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
 
 
-def _record(span_attributes: dict | None = None, span_content_attributes: dict | None = None,
-            **kw) -> Record:
+def _record(**kw) -> Record:
     base = dict(id=7, flow_id="3b6f1d8e-flow", start_time="2026-01-01T00:00:00.250Z",
                 end_time="2026-01-01T00:00:01.750Z", method="POST", scheme="https",
                 host="api.openai.com", port=443, path="/v1/chat/completions", status=200,
                 provider="openai", api="chat_completions", operation="chat", model="gpt-4o")
     base.update(kw)
-    extra = {}
-    for name, value in (("span_attributes", span_attributes),
-                        ("span_content_attributes", span_content_attributes)):
-        if value is not None:
-            if name in _RECORD_FIELDS:
-                base[name] = value
-            else:
-                extra[name] = value
-    rec = (_OpenRecord if extra else Record)(**base)
-    for k, v in extra.items():
-        setattr(rec, k, v)
-    return rec
+    return Record(**base)
 
 
 def _finished(record: Record | None = None, headers: tuple = (), t0: float = T0,

@@ -32,13 +32,14 @@ the flow id and start time, so replaying a flow file exports the same trace ids,
 attributes and times (span ids stay random).
 
 Endpoint: ``endpoint`` may be a base URL (``http://host:4318``) or the traces URL
-(``…/v1/traces``). None means the standard variables: ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (as
-is), else ``OTEL_EXPORTER_OTLP_ENDPOINT`` + ``/v1/traces``, else ``http://localhost:4318/v1/traces``;
-then an ``OTEL_EXPORTER_OTLP[_TRACES]_TIMEOUT`` variable, when set, wins over
-``export_timeout_s``. The exporter always reads the headers, compression and certificate
-variables. The resource is the SDK's ``Resource.create()`` (``OTEL_RESOURCE_ATTRIBUTES``,
-``OTEL_SERVICE_NAME``); ``service_name`` applies when those name no service. The tracer provider
-is private: the global one is never touched.
+(``…/v1/traces``). None means the standard variables: ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``
+(as is), else ``OTEL_EXPORTER_OTLP_ENDPOINT`` + ``/v1/traces``, else
+``http://localhost:4318/v1/traces``; then an ``OTEL_EXPORTER_OTLP[_TRACES]_TIMEOUT`` variable
+(seconds, as the Python exporter reads it), when set, wins over ``export_timeout_s``. The
+exporter always reads the headers, compression and certificate variables. The resource is the
+SDK's ``Resource.create()`` (``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_SERVICE_NAME``);
+``service_name`` applies when those name no service. The tracer provider is private: the global
+one is never touched.
 
 Never blocks or breaks traffic:
 
@@ -51,8 +52,10 @@ Never blocks or breaks traffic:
   failed batch, counted whole), dropped here for a full queue, or still unconfirmed when ``close``
   gives up; all but the first are counted in ``dropped`` and reported through ``on_drop(n)``.
 * A dead or slow collector costs at most ``export_timeout_s`` per batch, in the processor's thread.
-  The SDK's own export warnings (one per retry and batch) are swallowed; this module logs one
-  WARNING when spans start being lost (at most one a minute) and one INFO when export recovers.
+  The SDK's own export log lines (one per retry and batch) are kept from the log while our
+  exporter runs; this module logs one WARNING per outage (at most one a minute) once its cause is
+  known (``Connection refused``, ``HTTP 503 …``, ``timed out``, or a queue that overflows while
+  export works), and one INFO with the count when export recovers.
 * ``close()`` returns at once: the provider is shut down by a daemon thread that gives pending
   spans ``timeout`` (default ``export_timeout_s + 1``) to be exported, then stops the exporter
   (aborting its retries) and counts what was not exported. ``close(wait=True)`` does the same in
@@ -297,8 +300,8 @@ def span_attributes(record: Record, include_content: bool = False) -> dict[str, 
     put(SESSION_ID, record.session_id)
     put(CONSUMER, record.consumer)
 
-    content = getattr(record, "span_content_attributes", None) or {}
-    for key, value in (getattr(record, "span_attributes", None) or {}).items():
+    content = record.span_content_attributes
+    for key, value in record.span_attributes.items():
         if include_content or key not in content:
             put(str(key), value)
     if include_content:

@@ -10,9 +10,9 @@ gjson-py re-parses its query on every ``get``; on a proxy's hot path that parse 
 cost, so :class:`CompiledPath` parses once and later only applies the parsed parts. That uses
 gjson-py internals (``GJSONObj._parse`` gives the parts, ``GJSONObj._parse_part`` applies one;
 evaluation state is ``_obj``, ``_query``, ``_custom_modifiers``, ``_dump_params``,
-``_after_hash``, ``_after_query_all``). Checked against gjson-py 1.2.0 (the range ``>=1.0,<2``
-is expected to hold the same internals); ``tests/test_rules_paths.py`` compares the compiled
-evaluation with ``gjson.get`` over many queries, so a change in those internals fails there.
+``_after_hash``, ``_after_query_all``). Works with gjson-py ``>=1.0,<2`` (1.0.0, 1.1.0 and
+1.2.0 checked); ``tests/test_rules_paths.py`` compares the compiled evaluation with
+``gjson.get`` over many queries and objects, so a change in those internals fails there.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ _TRUTHINESS_TOKENS = frozenset({"true", "false", "null", "*"})
 
 
 class PathError(ValueError):
-    """A path that cannot be compiled; the message is one line saying what is wrong."""
+    """A path that cannot be compiled. The message is one line saying what is wrong (``gjson:
+    unknown modifier @x``), for the configuration error that names the path."""
 
 
 class _Evaluator(GJSONObj):
@@ -86,7 +87,7 @@ def compile_path(text: str) -> CompiledPath:
     """Compile a gjson path or (starting with ``$``) a JSONPath; PathError when empty or
     unparsable, so a bad configuration fails at load, not per request."""
     if not isinstance(text, str) or not text:
-        raise PathError("a non-empty path")
+        raise PathError("the path is empty")
     if text.startswith("$"):
         return _compile_jsonpath(text)
     return _compile_gjson(text)
@@ -97,14 +98,14 @@ def _compile_gjson(text: str) -> CompiledPath:
     try:
         parts = parser._parse(start=0, end=len(text) - 1)
     except GJSONError as e:
-        raise PathError(f"a valid gjson path, {_gjson_reason(e)} in {text!r}") from None
+        raise PathError(f"gjson: {_gjson_reason(e)}") from None
     except Exception as e:  # a gjson-py parser bug must still be a configuration error
-        raise PathError(f"a valid gjson path, {type(e).__name__} parsing {text!r}") from None
+        raise PathError(f"gjson: {type(e).__name__} while parsing") from None
     if not parts:
-        raise PathError(f"a valid gjson path, nothing to read in {text!r}")
+        raise PathError("gjson: nothing to read")
     problem = _check_parts(parts)
     if problem:
-        raise PathError(f"a valid gjson path, {problem} in {text!r}")
+        raise PathError(f"gjson: {problem}")
 
     def get(obj: Any) -> Any:
         value = _new_evaluator(text, obj).run(parts, obj)
@@ -168,8 +169,9 @@ def _compile_jsonpath(text: str) -> CompiledPath:
     try:
         expr = _jsonpath_parse(text)
     except Exception as e:  # jsonpath-ng raises its lexer/parser errors and plain Exception
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise PathError(f"a valid JSONPath, {reason}") from None
+        reason = " ".join(str(e).split()).rstrip(".!") or type(e).__name__
+        reason = reason[:1].lower() + reason[1:]
+        raise PathError(f"JSONPath: {reason}") from None
     find = expr.find
 
     def get(obj: Any) -> Any:
