@@ -419,9 +419,13 @@ class AIStats:
             rec = build_record(next(self._ids), *rec_args, None, stream, None, failure,
                                self._attribution, tuple(st.failed))
         t_end = exchange_end(rec_args[0], rec_args[3], timing, failure)
+        req = flow.request
         self._emit(Finished(
-            rec, flow.request.timestamp_start, t_end if t_end is not None else rec_args[0].t_start,
-            flow.request.headers.fields, resp.headers.fields if resp is not None else ()))
+            rec, req.timestamp_start, t_end if t_end is not None else rec_args[0].t_start,
+            req.headers.fields, resp.headers.fields if resp is not None else (),
+            req.path.partition("?")[2], req.raw_content, req.headers.get("content-encoding"),
+            resp.raw_content if resp is not None else None,
+            resp.headers.get("content-encoding") if resp is not None else None))
 
     def _read_response(self, st: _FlowState, flow: http.HTTPFlow
                        ) -> tuple[StreamTiming | None, Parsed | None]:

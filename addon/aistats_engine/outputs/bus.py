@@ -17,6 +17,7 @@ from typing import Protocol
 
 from ..record import redact
 from ..record.record import Record
+from ..wire.decoding import DecodedTooLarge, decode_body
 
 log = logging.getLogger(__name__)
 
@@ -40,29 +41,58 @@ HeaderFields = tuple[tuple[bytes, bytes], ...]  # raw (name, value) pairs as on 
 
 @dataclass(slots=True)
 class Finished:
-    """A finished request: its record, and what outputs beyond the log need. Headers are kept
-    raw and redacted on request, so outputs that do not show them cost nothing."""
+    """A finished request: its record, and what outputs beyond the log need. Headers and bodies
+    are kept raw (references, no copies) and redacted or decoded on request, so outputs that do
+    not show them cost nothing."""
 
     record: Record
     t_start: float  # epoch seconds: request start
     t_end: float  # epoch seconds: the end the record's ``end_time`` says
     request_fields: HeaderFields = ()
     response_fields: HeaderFields = ()
+    query: str = ""  # the request's raw query string (``query()`` redacts it)
+    request_raw: bytes | None = None  # bodies as on the wire (still Content-Encoded)
+    request_encoding: str | None = None
+    response_raw: bytes | None = None  # None: no response, or a stream over aistats_max_body
+    response_encoding: str | None = None
 
-    def request_headers(self) -> list[tuple[str, str]]:
-        """Redacted pairs, first value per (lower-cased) name."""
-        return redact.headers(first_values(self.request_fields))
+    def request_headers(self, lower: bool = True) -> list[tuple[str, str]]:
+        """Redacted pairs, first value per name (lower-cased, or as first spelled)."""
+        return redact.headers(first_values(self.request_fields, lower))
 
-    def response_headers(self) -> list[tuple[str, str]]:
-        return redact.headers(first_values(self.response_fields))
+    def response_headers(self, lower: bool = True) -> list[tuple[str, str]]:
+        return redact.headers(first_values(self.response_fields, lower))
+
+    def redacted_query(self) -> str:
+        return redact.query(self.query)
+
+    def request_body(self, max_bytes: int) -> bytes | None:
+        """The request body decoded (at most ``max_bytes``); DecodeError when it cannot be."""
+        return _decoded(self.request_raw, self.request_encoding, max_bytes)
+
+    def response_body(self, max_bytes: int) -> bytes | None:
+        """The response body decoded (at most ``max_bytes``); DecodeError when it cannot be."""
+        return _decoded(self.response_raw, self.response_encoding, max_bytes)
 
 
-def first_values(fields: HeaderFields) -> list[tuple[str, str]]:
-    """Header pairs as text, first value per (lower-cased) name."""
-    out: dict[str, str] = {}
+def _decoded(raw: bytes | None, encoding: str | None, max_bytes: int) -> bytes | None:
+    if raw is None:
+        return None
+    if len(raw) > max_bytes:
+        raise DecodedTooLarge(f"body over {max_bytes} bytes")
+    return decode_body(raw, encoding, max_bytes)
+
+
+def first_values(fields: HeaderFields, lower: bool = True) -> list[tuple[str, str]]:
+    """Header pairs as text, the first value per name (compared without case); the name
+    lower-cased, or as the first occurrence spells it."""
+    out: dict[str, tuple[str, str]] = {}
     for k, v in fields:
-        out.setdefault(k.decode("latin-1").lower(), v.decode("utf-8", "replace"))
-    return list(out.items())
+        name = k.decode("latin-1")
+        key = name.lower()
+        if key not in out:
+            out[key] = (key if lower else name, v.decode("utf-8", "replace"))
+    return list(out.values())
 
 
 class Output(Protocol):
