@@ -18,6 +18,7 @@ evaluation state is ``_obj``, ``_query``, ``_custom_modifiers``, ``_dump_params`
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -93,7 +94,31 @@ def compile_path(text: str) -> CompiledPath:
     return _compile_gjson(text)
 
 
+# Plain dotted paths (keys and array indexes only: ``choices.0.delta.content``) are most of what
+# configurations hold and run per stream event: walk them directly, as gjson would.
+_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*")
+
+
+def _plain_walker(keys: tuple[str, ...]) -> Callable[[Any], Any]:
+    steps = tuple((k, int(k) if k.isdigit() else None) for k in keys)
+
+    def get(obj: Any) -> Any:
+        for key, index in steps:
+            cls = obj.__class__
+            if cls is dict:
+                obj = obj.get(key)
+            elif cls is list and index is not None and index < len(obj):
+                obj = obj[index]
+            else:
+                return None
+        return obj
+
+    return get
+
+
 def _compile_gjson(text: str) -> CompiledPath:
+    if _PLAIN.fullmatch(text):
+        return CompiledPath(text, _plain_walker(tuple(text.split("."))))
     parser = _new_evaluator(text, None)
     try:
         parts = parser._parse(start=0, end=len(text) - 1)
