@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sqlite3
 import sys
 import time
 from collections import OrderedDict
@@ -26,6 +27,7 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # mitmproxy adds it for -s scripts; tests import this file directly
     sys.path.insert(0, _HERE)
 
+import aistats_contentview  # noqa: E402,F401  (registers the "LLM" content view)
 from aistats_engine import settings  # noqa: E402
 from aistats_engine.observer import (  # noqa: E402
     DRAIN_LIMIT, Parsed, StreamObserver, StreamTiming, parse_body)
@@ -34,7 +36,10 @@ from aistats_engine.outputs.metrics import MetricsConfig  # noqa: E402
 from aistats_engine.outputs.metrics_output import MetricsOutput  # noqa: E402
 from aistats_engine.outputs.higress_log import line as higress_line  # noqa: E402
 from aistats_engine.outputs.jsonl_output import JsonlOutput  # noqa: E402
+from aistats_engine.outputs.captures import CaptureCache  # noqa: E402
+from aistats_engine.outputs.store import Store  # noqa: E402
 from aistats_engine.outputs.summary import SummaryLine  # noqa: E402
+from aistats_engine.record.clients import client_name  # noqa: E402
 from aistats_engine.record import redact  # noqa: E402
 from aistats_engine.record.builder import (  # noqa: E402
     Attribution, Failure, RequestMeta, ResponseMeta, build_record, exchange_end)
@@ -42,6 +47,8 @@ from aistats_engine.record.problems import INTERNAL, Problem  # noqa: E402
 from aistats_engine.record.record import Record  # noqa: E402
 from aistats_engine.rules import config as rules_config  # noqa: E402
 from aistats_engine.rules.engine import FlowRules  # noqa: E402
+from aistats_engine.web.events import EventHub  # noqa: E402
+from aistats_engine.web.server import WebServer  # noqa: E402
 from aistats_engine.wire import framing  # noqa: E402
 from aistats_engine.wire.format import Match  # noqa: E402
 from aistats_engine.wire.formats import match_api, match_configured  # noqa: E402
@@ -67,6 +74,11 @@ def _spans_part(s: settings.Settings) -> tuple:
     return (s.otlp_endpoint, s.span_content)
 
 
+def _store_part(s: settings.Settings) -> tuple:
+    return (s.ui, s.store_path, s.store_rows, s.store_max_age, s.captures_bytes, s.capture_parts,
+            s.store_captures, s.max_body)
+
+
 def _metrics_part(s: settings.Settings) -> tuple:
     return (s.metrics, s.metrics_host, s.metrics_port, s.metrics_server_trio,
             s.metrics_label_limit, s.duration_buckets, s.ttft_buckets)
@@ -76,11 +88,12 @@ class _FlowState:
     """What we keep for one LLM flow between its hooks. (A plain class: mitmproxy executes
     this file without registering it in sys.modules, which dataclasses need.)"""
 
-    __slots__ = ("match", "request_info", "framer", "observer", "failed", "rules",
+    __slots__ = ("match", "started", "request_info", "framer", "observer", "failed", "rules",
                  "response_seen")
 
-    def __init__(self, match: Match, rules: FlowRules | None) -> None:
+    def __init__(self, match: Match, started: Started, rules: FlowRules | None) -> None:
         self.match = match
+        self.started = started  # what in-flight views show
         self.request_info: RequestInfo | None = None
         self.framer: type[framing.Framer] | None = None  # the response is a stream of this
         self.observer: StreamObserver | None = None
@@ -101,6 +114,9 @@ class AIStats:
         self.bus.on_dropped(self._dropped)
         self._attribution = Attribution()
         self.rules: rules_config.RulesConfig | None = None  # the loaded attribute rules
+        self.hub = EventHub(self._inflight)  # live events for the UI (an output, always on)
+        self.bus.replace("events", self.hub)
+        self.web: WebServer | None = None  # the endpoint: /metrics, the API and the UI
         self._watcher: asyncio.Task | None = None
         self._reported: set[str] = set()
         self.overhead = 0.0  # seconds spent in our hooks, in total
@@ -146,11 +162,15 @@ class AIStats:
                     "higress_log", "aistats_higress_log", new.higress_log_path, new, higress_line)
             if changed(_spans_part):
                 built["spans"] = self._build_spans(new)
-            if changed(_metrics_part):  # last: at run time it takes over the endpoint
+            if changed(_store_part):
+                built["store"] = self._build_store(new)
+            if changed(_metrics_part):
                 built["metrics"] = self._build_metrics(new) if new.metrics else None
+            if self._running and (old is None or self._web_part(old) != self._web_part(new)):
+                self._serve(new)
         except settings.SettingsError:
             for out in built.values():
-                if out is not None and not isinstance(out, MetricsOutput):
+                if out is not None:
                     out.close()
             raise
         for name, out in built.items():
@@ -192,7 +212,7 @@ class AIStats:
                           on_drop=lambda n: self.bus.dropped("spans", n))
 
     def _build_metrics(self, new: settings.Settings) -> MetricsOutput:
-        out = MetricsOutput(MetricsConfig(
+        return MetricsOutput(MetricsConfig(
             duration_buckets=new.duration_buckets,
             time_to_first_chunk_buckets=new.ttft_buckets,
             time_per_output_chunk_buckets=new.duration_buckets,
@@ -201,34 +221,87 @@ class AIStats:
             label_limits={"model": new.metrics_label_limit,
                           "consumer": new.metrics_label_limit},
         ), inflight=self._flows.__len__, overhead=lambda: self.overhead)
-        if self._running:  # at start the endpoint is bound in running()
-            previous = self.bus.get("metrics")
-            self._serve_metrics(out, new, previous if isinstance(previous, MetricsOutput) else None)
-        return out
 
-    def _serve_metrics(self, out: MetricsOutput, cfg: settings.Settings,
-                       previous: MetricsOutput | None) -> None:
+    def _build_store(self, new: settings.Settings) -> Store | None:
+        if not new.ui:
+            return None
+        path = str(Path(new.store_path).expanduser()) if new.store_path else None
         try:
-            out.serve(cfg.metrics_host, cfg.metrics_port, previous)
+            store = Store(path, max_rows=new.store_rows, max_age_s=new.store_max_age,
+                          captures=CaptureCache(new.captures_bytes) if new.captures_bytes else None,
+                          capture_parts=new.capture_parts, persist_captures=new.store_captures,
+                          max_body=new.max_body, on_drop=lambda n: self.bus.dropped("store", n),
+                          report=lambda msg: log.warning("aistats: %s", redact.shapes(msg)))
+        except (OSError, sqlite3.Error) as e:
+            raise settings.SettingsError("aistats_store", new.store_path,
+                                         f"a writable SQLite file ({e})") from None
+        # A kept store must never see an id twice: go on after the largest it holds.
+        self._ids = itertools.count(max(next(self._ids), store.next_id()))
+        return store
+
+    def _web_part(self, s: settings.Settings) -> tuple:
+        return (s.metrics or s.ui, s.metrics_host, s.metrics_port, s.api_token, s.ui)
+
+    def _serve(self, cfg: settings.Settings) -> None:
+        """(Re)start the endpoint: /metrics, and with aistats_ui the API and UI. A new address
+        is bound before the old server stops; at run time a failure is refused and rolled
+        back, at start it is one ERROR line (mitmdump exits non-zero)."""
+        old = self.web
+        if not (cfg.metrics or cfg.ui):
+            self.web = None
+            if old is not None:
+                old.stop()
+            return
+        port = cfg.metrics_port or (old.port if old is not None else 0)  # 0: keep the one we have
+        if old is not None and (old.host, old.port) == (cfg.metrics_host, port):
+            old.stop()  # the same address: it must be free before the new one binds
+            old = None
+        server = WebServer(
+            cfg.metrics_host, port,
+            metrics=lambda: self._registry() if self.settings and self.settings.metrics else None,
+            store=lambda: self.bus.get("store") if self.settings and self.settings.ui else None,
+            hub=self.hub, inflight=self._inflight, token=cfg.api_token or None)
+        try:
+            server.start()
         except OSError as e:
-            if self._running:  # a run-time change: refused and rolled back
+            if self._running:
                 raise settings.SettingsError(
                     "aistats_metrics_port", cfg.metrics_port,
                     f"a free port on {cfg.metrics_host} ({e.strerror or e})") from None
-            # At start-up this ERROR line makes mitmdump exit non-zero.
             log.error("aistats: cannot serve metrics on %s:%d: %s; set aistats_metrics_port "
                       "to a free port or aistats_metrics=false", cfg.metrics_host,
                       cfg.metrics_port, e.strerror or e)
             return
-        assert out.server is not None
-        log.info("aistats: metrics on http://%s:%d/metrics", cfg.metrics_host, out.server.port)
+        self.web = server
+        if old is not None:
+            old.stop()
+        url = f"http://{cfg.metrics_host}:{server.port}"
+        if cfg.metrics:
+            log.info("aistats: metrics on %s/metrics", url)
+        if cfg.ui:
+            log.info("aistats: activity UI on %s/", url)
+
+    def _registry(self) -> Any:
+        out = self.bus.get("metrics")
+        return out.metrics.registry if isinstance(out, MetricsOutput) else None
+
+    def _inflight(self) -> list[dict]:
+        """The requests not finished yet, for the API and UI (called from the web thread: a
+        snapshot of the dict first)."""
+        now = time.time()
+        out = []
+        for flow_id, st in list(self._flows.items()):
+            s = st.started
+            out.append({"id": flow_id, "method": s.method, "host": s.host, "path": s.path,
+                        "model": s.model, "client": s.client, "session_id": s.session_id,
+                        "started": s.t_start, "elapsed_ms": round((now - s.t_start) * 1000, 1),
+                        "bytes": st.observer.bytes_seen if st.observer is not None else 0})
+        return out
 
     def running(self) -> None:
         if self.settings is not None:
             log.info("aistats: %s", self.settings.describe())
-            out = self.bus.get("metrics")
-            if isinstance(out, MetricsOutput) and out.server is None:
-                self._serve_metrics(out, self.settings, None)
+            self._serve(self.settings)
             self._watcher = asyncio.get_running_loop().create_task(self._watch_config())
         self._running = True
 
@@ -262,6 +335,9 @@ class AIStats:
         if self._watcher is not None:
             self._watcher.cancel()
         self._publish()
+        if self.web is not None:
+            self.web.stop()
+            self.web = None
         self.bus.close(wait=True)
 
     # -- hooks -----------------------------------------------------------------------------
@@ -276,15 +352,18 @@ class AIStats:
                 match = match_configured(req.method, req.path, rules.path_suffixes)
             if match is None or cfg is None:
                 return
+            started = Started(flow.id, req.method, req.host, req.port, req.path.split("?", 1)[0],
+                              req.timestamp_start, match.api, match.model_from_path,
+                              client_name(req.headers.get("user-agent")),
+                              self._attribution.session_of(req.headers))
             self._flows[flow.id] = _FlowState(
-                match, FlowRules(rules, match.api, cfg.max_attribute_bytes) if rules else None)
+                match, started,
+                FlowRules(rules, match.api, cfg.max_attribute_bytes) if rules else None)
             while len(self._flows) > cfg.max_inflight:
                 dropped, _ = self._flows.popitem(last=False)
                 log.warning("aistats: more than %d LLM requests in flight; no record for flow %s",
                             cfg.max_inflight, dropped)
-            self.bus.started(Started(flow.id, req.method, req.host, req.port,
-                                     req.path.split("?", 1)[0], req.timestamp_start, match.api,
-                                     match.model_from_path))
+            self.bus.started(started)
 
     def request(self, flow: http.HTTPFlow) -> None:
         with self._guard(flow, "request"):

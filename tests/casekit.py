@@ -74,3 +74,24 @@ def check_record(record: dict | None, want: dict) -> list[str]:
         if got != value or type(got) is not type(value):
             problems.append(f"attributes.{key}: got {got!r}, want {value!r}")
     return problems
+
+
+def check_capture(store, record_id: int, want: dict) -> list[str]:
+    """A case's ``expect_capture`` against what the store answers now (``has_capture`` is
+    decided at read time; ``*_include`` are subsets of the captured headers, ``null`` a part
+    the mask leaves out)."""
+    problems = []
+    row = store.activity(sort="id", order="desc", limit=1)["data"][0]
+    expected = want.get("has_capture", want.get("has_capture_if_enabled"))
+    if row["has_capture"] != expected:
+        problems.append(f"has_capture: got {row['has_capture']}, want {expected}")
+    capture = store.capture(record_id)
+    for part, value in (want.get("capture") or {}).items():
+        if part.endswith("_include"):
+            got = (capture or {}).get(part[: -len("_include")]) or {}
+            for k, v in value.items():
+                if got.get(k) != v:
+                    problems.append(f"{part}.{k}: got {got.get(k)!r}, want {v!r}")
+        elif (capture or {}).get(part) != value:
+            problems.append(f"{part}: got {(capture or {}).get(part)!r}, want {value!r}")
+    return problems

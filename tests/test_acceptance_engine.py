@@ -1,11 +1,13 @@
 """llama-swap acceptance cases through the real addon class with in-memory flows, live and
-replayed from a flow-file round trip (the end-to-end version is test_acceptance_e2e.py)."""
+replayed from a flow-file round trip (the end-to-end version is test_acceptance_e2e.py); the
+``expect_capture`` parts through the addon's store and capture cache, each case with its
+``config`` (``captures``, ``capture_mask``) as options."""
 
 from __future__ import annotations
 
 import pytest
 
-from casekit import case_body, check_expect, drop_ids
+from casekit import case_body, check_capture, check_expect, drop_ids
 from conftest import load_cases
 from flowkit import make_flow, new_addon, roundtrip, run_live, run_replay
 
@@ -14,7 +16,13 @@ CASES = load_cases("llama_swap_cases.json")
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_case_live_and_replay(case):
-    addon, ctx, cap = new_addon()
+    config = case.get("config") or {}
+    options = {}
+    if config.get("captures") is False:
+        options["aistats_captures_mb"] = "0"
+    if "capture_mask" in config:
+        options["aistats_capture_parts"] = ",".join(config["capture_mask"])
+    addon, ctx, cap = new_addon(**options)
     try:
         req = case["request"]
         f = make_flow(req["method"], req["path"], req.get("headers", {}), req["body"].encode())
@@ -24,6 +32,10 @@ def test_case_live_and_replay(case):
         assert len(cap.records) == 1
         live = cap.records[0]
         assert check_expect(live, case["expect"]) == []
+        if "expect_capture" in case:
+            store = addon.bus.get("store")
+            assert store.flush(5)
+            assert check_capture(store, live["id"], case["expect_capture"]) == []
         run_replay(addon, roundtrip(f))
         assert len(cap.records) == 2
         assert drop_ids(cap.records[1]) == drop_ids(live)

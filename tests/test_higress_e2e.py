@@ -127,6 +127,7 @@ def test_spans_names_attributes_and_parent(run):
     assert a["deployment.environment"] == "prod" and a["upstream_id"] == "req-oa"
     assert "question" not in a  # message content only on opt-in
     assert a["server.address"] == "127.0.0.1" and a["gen_ai.response.finish_reasons"] == ["stop"]
+    assert "secret" not in json.dumps([s.attributes for s in run["spans"]])
     an = spans["chat claude-e2e"]
     assert an.parent_span_id == "" and an.trace_id != TRACE_ID
     assert an.attributes["gen_ai.provider.name"] == "anthropic"

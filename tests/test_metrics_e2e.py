@@ -20,6 +20,7 @@ import re
 import socket
 import subprocess
 import time
+import urllib.error
 import uuid
 from pathlib import Path
 
@@ -101,7 +102,8 @@ def test_busy_metrics_port_fails_start_with_one_line(tmp_path: Path) -> None:
 def test_metrics_off_serves_nothing(tmp_path: Path) -> None:
     port = free_port()
     log_path = tmp_path / "llm.jsonl"
-    opts = {"aistats_metrics": "false", "aistats_metrics_port": str(port), "aistats_log": str(log_path)}
+    opts = {"aistats_metrics": "false", "aistats_ui": "false", "aistats_metrics_port": str(port),
+            "aistats_log": str(log_path)}
     with Upstream() as up, Mitmdump(tmp_path, options=opts) as m:
         up.add("/v1/chat/completions", Reply(headers=JSON_HEADERS, chunks=[openai_chat_json("hi")]))
         r = httpx.post(up.url + "/v1/chat/completions", proxy=m.proxy_url, timeout=30,
@@ -114,6 +116,20 @@ def test_metrics_off_serves_nothing(tmp_path: Path) -> None:
         assert not port_open(port)
         out = m.output()
     assert "metrics on" not in out and metrics_url_in(out) is None, out
+
+
+def test_metrics_off_with_the_ui_on_serves_no_metrics(tmp_path: Path) -> None:
+    port = free_port()
+    with Mitmdump(tmp_path, options={"aistats_metrics": "false",
+                                     "aistats_metrics_port": str(port)}) as m:
+        deadline = time.monotonic() + WAIT_S
+        while "activity UI on" not in m.output():
+            assert time.monotonic() < deadline, m.output()
+            time.sleep(0.05)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            scrape(f"http://127.0.0.1:{port}/metrics")
+        assert e.value.code == 404
+        assert "metrics on" not in m.output()
 
 
 # -- (c), (d): a live run, its replay, exemplars ----------------------------------------------------

@@ -147,6 +147,7 @@ class StreamObserver:
 
     __slots__ = ("reader", "_framer", "_decoder", "_t0", "_buf", "_read_upto", "_chunk_times",
                  "_chunk_ends", "_drain_due", "_max_body", "_max_times", "body_capped",
+                 "_capped_bytes",
                  "_problems", "_first", "_last", "_times", "_content_events")
 
     def __init__(self, fmt: WireFormat | str | None, framer: Framer,
@@ -170,6 +171,7 @@ class StreamObserver:
         self._max_body = max_body
         self._max_times = max_chunk_times
         self.body_capped = False
+        self._capped_bytes = 0  # bytes seen once past the cap (no copy to measure)
         # The chunk clock, as raw time.time() values; turned into ms offsets once, in timing().
         self._first: float | None = None
         self._last: float | None = None
@@ -186,6 +188,7 @@ class StreamObserver:
         self._last = now
         buf = self._buf
         if buf is None:
+            self._capped_bytes += len(chunk)
             self._parse(chunk, now)
             return False
         size = len(buf) + len(chunk)
@@ -193,6 +196,7 @@ class StreamObserver:
             self.drain()
             self._buf = None
             self.body_capped = True
+            self._capped_bytes = size
             self._parse(chunk, now)
             return False
         buf += chunk
@@ -316,6 +320,11 @@ class StreamObserver:
             content_events=self._content_events,
             content_offsets_ms=[round((t - t0) * 1000, 3) for t in self._times],
         )
+
+    @property
+    def bytes_seen(self) -> int:
+        """Response body bytes received so far (as on the wire), for in-flight views."""
+        return len(self._buf) if self._buf is not None else self._capped_bytes
 
     def body(self) -> bytes | None:
         """The raw body seen so far, or None when it went over the cap."""

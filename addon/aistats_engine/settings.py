@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .outputs.captures import CAPTURE_PARTS
 from .outputs.logsink import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
 from .outputs.metrics import DURATION_BUCKETS
 from .observer import DEFAULT_MAX_BODY, DEFAULT_MAX_CHUNK_TIMES, DEFAULT_MAX_EVENT
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from .rules.config import RulesConfig
 
 DEFAULT_MAX_INFLIGHT = 10_000
+DEFAULT_STORE_ROWS = 1000
+DEFAULT_CAPTURES_MB = 32
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_LABEL_LIMIT = 100
 
@@ -89,6 +92,23 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "(empty: off; 'env': the OTEL_EXPORTER_OTLP_* variables)."),
     OptionSpec("aistats_span_content", "false",
                "Put message content (question, answer, ...) on spans (true/false)."),
+    OptionSpec("aistats_ui", "true",
+               "Serve the activity UI and its JSON API on the metrics endpoint (true/false)."),
+    OptionSpec("aistats_api_token", "",
+               "When set, every API and UI request must carry this token (empty: none)."),
+    OptionSpec("aistats_store", "",
+               "SQLite file keeping records (and captures) across restarts (empty: in memory)."),
+    OptionSpec("aistats_store_rows", str(DEFAULT_STORE_ROWS),
+               "Records kept in the store, newest first (0: no row bound, file store only)."),
+    OptionSpec("aistats_store_max_age", "",
+               "Age after which stored records are pruned: seconds or 30m, 12h, 7d (empty: none)."),
+    OptionSpec("aistats_captures_mb", str(DEFAULT_CAPTURES_MB),
+               "Bound on compressed request/response captures, in MB (0: no captures)."),
+    OptionSpec("aistats_capture_parts", ",".join(CAPTURE_PARTS),
+               "What a capture keeps by default: any of req_headers, req_body, resp_headers, "
+               "resp_body, comma-separated (binary audio/image endpoints keep less)."),
+    OptionSpec("aistats_store_captures", "false",
+               "With a file store, keep captures in it too, under the same bound (true/false)."),
 )
 
 
@@ -117,6 +137,14 @@ class Settings:
     higress_log_path: str = ""
     otlp_endpoint: str = ""
     span_content: bool = False
+    ui: bool = True
+    api_token: str = ""
+    store_path: str = ""
+    store_rows: int = DEFAULT_STORE_ROWS
+    store_max_age: float | None = None
+    captures_bytes: int = DEFAULT_CAPTURES_MB << 20
+    capture_parts: frozenset[str] = frozenset(CAPTURE_PARTS)
+    store_captures: bool = False
 
     def describe(self) -> str:
         """The effective configuration, for the start-up log line."""
@@ -130,7 +158,12 @@ class Settings:
                 f"label_limit={self.metrics_label_limit} server_trio={self.metrics_server_trio} "
                 f"config={self.config_path or 'none'} "
                 f"higress_log={self.higress_log_path or 'off'} "
-                f"otlp={self.otlp_endpoint or 'off'} span_content={self.span_content}")
+                f"otlp={self.otlp_endpoint or 'off'} span_content={self.span_content} "
+                f"ui={self.ui} api_token={'set' if self.api_token else 'none'} "
+                f"store={self.store_path or 'memory'} store_rows={self.store_rows} "
+                f"store_max_age={self.store_max_age or 'none'} "
+                f"captures={self.captures_bytes >> 20}MB ({','.join(sorted(self.capture_parts))}) "
+                f"store_captures={self.store_captures}")
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*$", re.IGNORECASE)
@@ -171,6 +204,26 @@ def _bool(name: str, text: object) -> bool:
     if word in _FALSE:
         return False
     raise SettingsError(name, text, "true or false")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|s|m|h|d|w)\s*$", re.IGNORECASE)
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(name: str, text: object) -> float | None:
+    if not str(text).strip():
+        return None
+    m = _DURATION.match(str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise SettingsError(name, text, "a positive duration: seconds, or 30m, 12h, 7d, 2w")
+    return float(m.group(1)) * _SECONDS[m.group(2).lower()]
+
+
+def _parts(name: str, text: object) -> frozenset[str]:
+    parts = frozenset(s.strip() for s in str(text).split(",") if s.strip())
+    if not parts <= set(CAPTURE_PARTS):
+        raise SettingsError(name, text, f"any of {', '.join(CAPTURE_PARTS)}, comma-separated")
+    return parts
 
 
 def _headers(name: str, text: object, allow_empty: bool) -> tuple[str, ...]:
@@ -241,4 +294,12 @@ def parse(values: Mapping[str, object]) -> Settings:
         higress_log_path=str(v["aistats_higress_log"]).strip(),
         otlp_endpoint=otlp,
         span_content=_bool("aistats_span_content", v["aistats_span_content"]),
+        ui=_bool("aistats_ui", v["aistats_ui"]),
+        api_token=str(v["aistats_api_token"]).strip(),
+        store_path=str(v["aistats_store"]).strip(),
+        store_rows=_int("aistats_store_rows", v["aistats_store_rows"], 0),
+        store_max_age=_duration("aistats_store_max_age", v["aistats_store_max_age"]),
+        captures_bytes=_int("aistats_captures_mb", v["aistats_captures_mb"], 0, 1 << 20) << 20,
+        capture_parts=_parts("aistats_capture_parts", v["aistats_capture_parts"]),
+        store_captures=_bool("aistats_store_captures", v["aistats_store_captures"]),
     )

@@ -34,6 +34,8 @@ class Started:
     t_start: float  # epoch seconds
     api: str
     model: str | None = None  # from the path; the body is not read yet
+    client: str | None = None  # recognised from the User-Agent
+    session_id: str | None = None
 
 
 HeaderFields = tuple[tuple[bytes, bytes], ...]  # raw (name, value) pairs as on the wire

@@ -6,6 +6,7 @@ the parsed body, the stored chunk clock), which is what makes replayed records i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -59,6 +60,14 @@ class Failure:
 class Attribution:
     session_headers: tuple[str, ...] = DEFAULT_SESSION_HEADERS
     consumer_header: str = DEFAULT_CONSUMER_HEADER
+
+    def session_of(self, headers: Mapping[str, str]) -> str | None:
+        """The first configured session header present (``headers``: case-insensitive)."""
+        for h in self.session_headers:
+            v = headers.get(h)
+            if v:
+                return v
+        return None
 
 
 def classify_failure(message: str, has_response: bool) -> str:
@@ -159,10 +168,7 @@ def build_record(
         user_agent=req.headers.get("user-agent"),
     )
     rec.client = client_name(rec.user_agent)
-    for h in attribution.session_headers:
-        if req.headers.get(h):
-            rec.session_id = req.headers[h]
-            break
+    rec.session_id = attribution.session_of(req.headers)
     rec.consumer = req.headers.get(attribution.consumer_header) or None
 
     if ok:

@@ -1,0 +1,314 @@
+"""Captures: what a request and its response carried, kept (compressed, byte-bounded) for the UI.
+
+A capture is one JSON object per record id (``build_capture``)::
+
+    {"id", "req_path", "method", "status", "resp_content_type",
+     "req_headers", "req_body", "req_body_base64",
+     "resp_headers", "resp_body", "resp_body_base64", "omitted"}
+
+* Headers: a ``{name: value}`` map, the first value per name under the spelling of its first
+  occurrence; credential headers (``redact.SECRET_HEADERS``) read ``[REDACTED]``.
+  ``Content-Encoding`` is left out of the response headers, because the stored body is the
+  decoded one (and out of the request headers when a decoded request body is stored).
+* Bodies: decoded (at most ``max_body`` bytes); stored as text in ``*_body`` when valid UTF-8,
+  else base64 in ``*_body_base64`` (the other key is then None). A request body that does not
+  match its Content-Encoding is kept as it was sent (base64, header kept); one over ``max_body``
+  is left out and named in ``omitted``.
+* Secrets: every secret value the request carried (credential headers, ``key=``-style query
+  parameters; ``redact.secrets_of``), plus response cookies, is replaced wherever it appears in
+  the stored headers, path and bodies, so a key an upstream echoes in an error body never shows;
+  text also loses well-known key shapes (``redact.Redactor``). Otherwise bodies stay as sent.
+* Parts outside the mask (``mask_for``: the configured parts, narrowed per path so big binary
+  payloads stay out of memory) are None. A capture is stored even when the mask is empty.
+* When (llama-swap's rules): a 2xx with a non-empty body that decodes is captured whole, invalid
+  JSON included; a non-2xx, or a request that failed (no response, or the flow ended with a
+  transport error), keeps the request and the response headers only; an empty 2xx body, one
+  that cannot be decoded, or one the proxy did not keep (a stream over ``aistats_max_body``)
+  gives no capture (None).
+
+``CaptureCache`` keeps captures zstd-compressed (orjson inside), bounded by total compressed
+bytes, evicting the oldest inserted first; see its docstring.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+import zstandard
+
+from ..record import redact
+from ..wire.decoding import DecodedTooLarge, DecodeError
+from .bus import Finished
+
+CAPTURE_PARTS = ("req_headers", "req_body", "resp_headers", "resp_body")
+ALL_PARTS = frozenset(CAPTURE_PARTS)
+
+_REQ_AND_RESP_HEADERS = frozenset({"req_headers", "req_body", "resp_headers"})
+_NO_UPLOAD = frozenset({"req_headers", "resp_headers", "resp_body"})
+_HEADERS_ONLY = frozenset({"req_headers", "resp_headers"})
+
+# Path suffix → the parts kept (llama-swap's captureFieldsByPath). Matched on the end of the
+# path, so ``/upstream/<model>/v1/audio/speech`` and prefixed gateways match too.
+PATH_MASKS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("/v1/audio/speech", _REQ_AND_RESP_HEADERS),  # audio out
+    ("/v1/images/generations", _REQ_AND_RESP_HEADERS),  # images out
+    ("/sdapi/v1/txt2img", _REQ_AND_RESP_HEADERS),
+    ("/v1/audio/voices", _NO_UPLOAD),
+    ("/v1/audio/transcriptions", _NO_UPLOAD),  # audio in
+    ("/v1/audio/translations", _NO_UPLOAD),
+    ("/v1/images/edits", _HEADERS_ONLY),  # images in and out
+    ("/sdapi/v1/img2img", _HEADERS_ONLY),
+)
+
+# Record error types that mean the exchange itself failed (record/builder.classify_failure).
+FAILURE_TYPES = frozenset({"client_disconnected", "timeout", "upstream_aborted",
+                           "upstream_protocol_error", "upstream_unreachable"})
+
+ZSTD_LEVEL = 3
+
+
+def mask_for(path: str, default_parts: Iterable[str]) -> frozenset[str]:
+    """The parts to capture for ``path``: ``default_parts`` (the configured mask), narrowed by
+    the per-path table for endpoints that carry big binary payloads."""
+    parts = frozenset(default_parts) & ALL_PARTS
+    p = path.partition("?")[0].rstrip("/")
+    for suffix, allowed in PATH_MASKS:
+        if p.endswith(suffix):
+            return parts & allowed
+    return parts
+
+
+def _text_or_b64(body: bytes, red: redact.Redactor, secrets: tuple[bytes, ...]
+                 ) -> tuple[str | None, str | None]:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, base64.b64encode(_scrub(body, secrets)).decode("ascii")
+    return red(text), None
+
+
+def _header_map(pairs: list[tuple[str, str]], red: redact.Redactor,
+                drop: frozenset[str] = frozenset()) -> dict[str, str]:
+    return {k: red(v) for k, v in pairs if k.lower() not in drop}
+
+
+def _all_pairs(fields) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("utf-8", "replace")) for k, v in fields]
+
+
+def build_capture(event: Finished, parts: frozenset[str], max_body: int) -> dict[str, Any] | None:
+    """The capture of one finished request, or None when there is none to keep (module doc).
+    CPU work proportional to the bodies: call it off the event loop."""
+    rec = event.record
+    status = rec.status
+    ok = status is not None and 200 <= status < 300 and rec.error_type not in FAILURE_TYPES
+    resp_body: bytes | None = None
+    if ok:
+        if not event.response_raw:
+            return None  # empty, or not kept by the proxy
+        if "resp_body" in parts or event.response_encoding:
+            try:
+                resp_body = event.response_body(max_body)
+            except DecodeError:  # DecodedTooLarge included
+                return None
+            if not resp_body:
+                return None
+        if "resp_body" not in parts:
+            resp_body = None
+
+    secret_pairs = _all_pairs(event.request_fields) + [
+        p for p in _all_pairs(event.response_fields) if p[0].lower() == "set-cookie"]
+    secrets = redact.secrets_of(secret_pairs, event.query)
+    red = redact.Redactor(secrets)
+    secret_bytes = tuple(s.encode("utf-8") for s in secrets)
+
+    query = event.redacted_query()
+    out: dict[str, Any] = {
+        "id": rec.id,
+        "req_path": red(rec.path + ("?" + query if query else "")),
+        "method": rec.method,
+        "status": status,
+        "resp_content_type": rec.response_content_type,
+        "req_headers": None,
+        "req_body": None,
+        "req_body_base64": None,
+        "resp_headers": None,
+        "resp_body": None,
+        "resp_body_base64": None,
+        "omitted": [],
+    }
+    req_decoded = False
+    if "req_body" in parts and event.request_raw is not None:
+        try:
+            body = event.request_body(max_body)
+            req_decoded = bool(event.request_encoding)
+        except DecodedTooLarge as e:
+            body = None
+            out["omitted"].append(f"req_body: {e}")
+        except DecodeError:
+            body = event.request_raw  # as sent; its Content-Encoding header stays
+            out["req_body_base64"] = base64.b64encode(_scrub(body, secret_bytes)).decode("ascii")
+            out["omitted"].append("req_body: does not match its Content-Encoding; kept as sent")
+            body = None
+        if body is not None:
+            out["req_body"], out["req_body_base64"] = _text_or_b64(body, red, secret_bytes)
+    if "req_headers" in parts:
+        drop = frozenset({"content-encoding"}) if req_decoded else frozenset()
+        out["req_headers"] = _header_map(event.request_headers(lower=False), red, drop)
+    if "resp_headers" in parts and (status is not None or event.response_fields):
+        out["resp_headers"] = _header_map(event.response_headers(lower=False), red,
+                                          frozenset({"content-encoding"}))
+    if resp_body is not None:
+        out["resp_body"], out["resp_body_base64"] = _text_or_b64(resp_body, red, secret_bytes)
+    return out
+
+
+def _scrub(body: bytes, secrets: tuple[bytes, ...]) -> bytes:
+    for s in secrets:
+        if s in body:
+            body = body.replace(s, redact.REDACTED.encode())
+    return body
+
+
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    c = getattr(_local, "c", None)
+    if c is None:
+        c = _local.c = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "d", None)
+    if d is None:
+        d = _local.d = zstandard.ZstdDecompressor()
+    return d
+
+
+def compress(capture: dict[str, Any]) -> bytes:
+    """A capture as stored: orjson, zstd-compressed (thread-safe; one compressor per thread)."""
+    return _compressor().compress(orjson.dumps(capture))
+
+
+def decompress(blob: bytes) -> dict[str, Any]:
+    return orjson.loads(_decompressor().decompress(blob))
+
+
+class CaptureCache:
+    """Compressed captures by record id, bounded by their total compressed size.
+
+    * ``max_bytes`` = 0 turns captures off: every put is refused (not counted).
+    * An item larger than ``max_bytes`` is refused and counted in ``refused``; otherwise the
+      oldest *inserted* items are evicted until it fits (counted in ``evicted``). Reads do not
+      refresh an item (FIFO, not LRU). Re-putting an id replaces it and moves it to the end.
+    * Thread-safe: compression and decompression run outside the lock, on the caller's thread
+      (the store's writer thread for puts, the web API thread for gets).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"capture cache size must be >= 0, not {max_bytes}")
+        self.max_bytes = max_bytes
+        self.refused = 0
+        self.evicted = 0
+        self._items: OrderedDict[int, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def count(self) -> int:
+        return len(self._items)
+
+    def put(self, id: int, capture: dict[str, Any]) -> bool:
+        """Compress and keep ``capture`` under ``id``; False when refused."""
+        if not self.max_bytes:
+            return False
+        return self.put_blob(id, compress(capture))[0]
+
+    def put_blob(self, id: int, blob: bytes) -> tuple[bool, list[int]]:
+        """Keep an already compressed capture. Returns (stored, ids no longer held because of
+        this put: evicted ones, and ``id`` itself when it was held and the new item is refused)."""
+        if not self.max_bytes:
+            return False, []
+        size = len(blob)
+        removed: list[int] = []
+        with self._lock:
+            old = self._items.pop(id, None)
+            if old is not None:
+                self._bytes -= len(old)
+            if size > self.max_bytes:
+                self.refused += 1
+                if old is not None:
+                    removed.append(id)
+                return False, removed
+            while self._items and self._bytes + size > self.max_bytes:
+                gone, b = self._items.popitem(last=False)
+                self._bytes -= len(b)
+                self.evicted += 1
+                removed.append(gone)
+            self._items[id] = blob
+            self._bytes += size
+        return True, removed
+
+    def get(self, id: int) -> dict[str, Any] | None:
+        with self._lock:
+            blob = self._items.get(id)
+        return None if blob is None else decompress(blob)
+
+    def get_blob(self, id: int) -> bytes | None:
+        with self._lock:
+            return self._items.get(id)
+
+    def has(self, id: int) -> bool:
+        with self._lock:
+            return id in self._items
+
+    def ids(self) -> list[int]:
+        """Held ids, oldest inserted first."""
+        with self._lock:
+            return list(self._items)
+
+    def discard(self, ids: Iterable[int]) -> list[int]:
+        """Forget these ids (their records are gone); returns those that were held."""
+        gone = []
+        with self._lock:
+            for i in ids:
+                b = self._items.pop(i, None)
+                if b is not None:
+                    self._bytes -= len(b)
+                    gone.append(i)
+        return gone
+
+    def discard_below(self, min_id: int) -> list[int]:
+        """Forget the ids below ``min_id`` from the oldest inserted on, up to the first that is
+        not (ids are inserted in increasing order, so that is all of them); returns them."""
+        gone = []
+        with self._lock:
+            items = self._items
+            while items:
+                i = next(iter(items))
+                if i >= min_id:
+                    break
+                self._bytes -= len(items.pop(i))
+                gone.append(i)
+        return gone
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
