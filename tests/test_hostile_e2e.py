@@ -32,7 +32,6 @@ import socket
 import struct
 import threading
 import time
-import urllib.request
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 import zstandard
 
+from scrapekit import scrape
 from mitm import Mitmdump, free_port, start_mitmdump_expect_failure
 from upstream import encode_chunks, openai_chat_json, openai_chat_stream, openai_usage
 
@@ -298,16 +298,6 @@ def wait_record(log: Path, path: str) -> dict:
     raise AssertionError(f"no record for {path}; have {[r['path'] for r in records(log)]}")
 
 
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def scrape(url: str, accept: str | None = None) -> str:
-    req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
-    with _DIRECT.open(req, timeout=5) as r:
-        assert r.status == 200
-        return r.read().decode()
-
-
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)')
 
 
@@ -498,8 +488,9 @@ def test_01_secrets_echoed_by_the_upstream_reach_no_output(tmp_path, verbosity):
         while len(records(*logs)) < len(sent_paths) and time.monotonic() < deadline:
             time.sleep(0.05)
             logs = sorted(log.parent.glob(log.name + "*"))
-        # both formats are scraped while the process runs
+        # both formats are scraped while the process runs, and the API the UI reads
         metrics_text, metrics_om = scrape(url), scrape(url, OPENMETRICS_ACCEPT)
+        api_texts = _api_texts(url.rsplit("/metrics", 1)[0] + "/api", len(sent_paths))
         assert_alive(m)
         time.sleep(0.3)  # the summary lines of the last records
         lines = aistats_lines(m)
@@ -520,8 +511,27 @@ def test_01_secrets_echoed_by_the_upstream_reach_no_output(tmp_path, verbosity):
     summaries = [ln for ln in lines if re.search(r"aistats: #\d+ ", ln)]
     assert len(summaries) == len(sent_paths), lines
     texts = {"log files": "".join(p.read_text() for p in logs), "metrics text": metrics_text,
-             "metrics openmetrics": metrics_om, "aistats output lines": "\n".join(lines)}
+             "metrics openmetrics": metrics_om, "aistats output lines": "\n".join(lines),
+             **api_texts}
     assert not _scan_for_secrets(texts, keys), _scan_for_secrets(texts, keys)
+
+
+def _api_texts(api: str, n: int) -> dict[str, str]:
+    """Everything the UI can load about these requests: activity, every capture (with its
+    rendered conversation), sessions, stats, in-flight and both exports."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        activity = json.loads(scrape(api + "/activity?limit=1000"))
+        if activity["total"] >= n or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert activity["total"] == n, activity["total"]
+    captures = [scrape(f"{api}/captures/{r['id']}") for r in activity["data"] if r["has_capture"]]
+    assert captures, "no capture to scan"
+    return {"api activity": json.dumps(activity), "api captures": "\n".join(captures),
+            "api sessions": scrape(api + "/sessions"), "api stats": scrape(api + "/stats"),
+            "api inflight": scrape(api + "/inflight"), "api export jsonl": scrape(api + "/export.jsonl"),
+            "api export md": scrape(api + "/export.md")}
 
 
 def test_01b_a_secret_cut_by_the_error_clip_leaks_no_prefix(env):
