@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import random
 import signal
 import socket
 import subprocess
@@ -98,9 +99,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--store-rows", type=int, default=500)
-    ap.add_argument("--captures-mb", type=int, default=4)
+    ap.add_argument("--captures-mb", type=int, default=2)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
+    random.seed(1)
 
     up = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
     up.daemon_threads = True
@@ -129,7 +131,9 @@ def main() -> int:
         messages: list[dict] = []
         t0 = time.monotonic()
         for i in range(a.requests):
-            messages = (messages + [{"role": "user", "content": f"turn {i} " + "x" * 200}])[-40:]
+            # random text: captures must not compress to nothing, or the bound is never reached
+            text = f"turn {i} " + random.randbytes(150).hex()
+            messages = (messages + [{"role": "user", "content": text}])[-40:]
             conn = http.client.HTTPConnection("127.0.0.1", proxy, timeout=30)
             body = json.dumps({"model": "soak-model", "stream": i % 2 == 0, "messages": messages})
             conn.request("POST", up_url + "/v1/chat/completions", body=body,
