@@ -292,8 +292,10 @@ class AIStats:
         out = []
         for flow_id, st in list(self._flows.items()):
             s = st.started
+            info = st.request_info
             out.append({"id": flow_id, "method": s.method, "host": s.host, "path": s.path,
-                        "model": s.model, "client": s.client, "session_id": s.session_id,
+                        "model": s.model or (info.model if info is not None else None),
+                        "client": s.client, "session_id": s.session_id,
                         "started": s.t_start, "elapsed_ms": round((now - s.t_start) * 1000, 1),
                         "bytes": st.observer.bytes_seen if st.observer is not None else 0})
         return out

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # System packages the tests need: Debian's `prometheus` (tests/test_prometheus_e2e.py runs the
-# real server on a loopback port of its own). Idempotent and non-interactive; does nothing (and
-# touches no network) when a `prometheus` binary is already on PATH. Called by
-# `scripts/setup.sh --test`.
+# real server on a loopback port of its own) and Debian's `chromium` (tests/test_web_ui.py drives
+# it with the playwright package; no browser is ever downloaded by playwright). Idempotent and
+# non-interactive; does nothing (and touches no network) when a `prometheus` binary is on PATH
+# and /usr/bin/chromium exists. Called by `scripts/setup.sh --test`.
 #
 # The package's own service is never started: a policy-rc.d that answers 101 ("action
 # forbidden") is put in place for the install when there is none, and where systemd runs, the
 # unit is stopped and disabled afterwards. The tests start their own Prometheus.
 set -euo pipefail
 
-if command -v prometheus >/dev/null 2>&1; then
+PACKAGES=()
+command -v prometheus >/dev/null 2>&1 || PACKAGES+=(prometheus)
+[ -x /usr/bin/chromium ] || PACKAGES+=(chromium)
+if [ "${#PACKAGES[@]}" -eq 0 ]; then
   exit 0
 fi
 
@@ -18,13 +22,14 @@ if [ "$(id -u)" -eq 0 ]; then
 elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
   SUDO=(sudo -n)
 else
-  echo "setup-system.sh: installing Debian's prometheus needs root (or password-less sudo);" \
-       "run: apt-get install -y --no-install-recommends prometheus" >&2
+  echo "setup-system.sh: installing Debian's ${PACKAGES[*]} needs root (or password-less sudo);" \
+       "run: apt-get install -y --no-install-recommends ${PACKAGES[*]}" >&2
   exit 1
 fi
 
 if ! command -v apt-get >/dev/null 2>&1; then
-  echo "setup-system.sh: no apt-get here; install a prometheus binary (2.x or 3.x) on PATH" >&2
+  echo "setup-system.sh: no apt-get here; install ${PACKAGES[*]} yourself (a prometheus binary," \
+       "2.x or 3.x, on PATH; chromium as /usr/bin/chromium)" >&2
   exit 1
 fi
 
@@ -44,7 +49,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" apt-get update -qq
 "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-  -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold prometheus >/dev/null
+  -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "${PACKAGES[@]}" >/dev/null
 
 # With systemd as init, the unit may be enabled for the next boot (policy-rc.d only stops the
 # start now): stop and disable it, the tests run their own server.
@@ -56,4 +61,9 @@ command -v prometheus >/dev/null 2>&1 || {
   echo "setup-system.sh: prometheus installed but not on PATH" >&2
   exit 1
 }
-echo "setup-system.sh: installed $(prometheus --version 2>&1 | head -n 1)"
+[ -x /usr/bin/chromium ] || {
+  echo "setup-system.sh: chromium installed but /usr/bin/chromium is missing" >&2
+  exit 1
+}
+echo "setup-system.sh: installed ${PACKAGES[*]}: $(prometheus --version 2>&1 | head -n 1);" \
+     "$(/usr/bin/chromium --version 2>/dev/null | head -n 1)"

@@ -72,6 +72,15 @@ def started_row(event: Started) -> dict[str, Any]:
     }
 
 
+def inflight_rows(inflight: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """``inflight()``, tried twice: it reads the proxy's state from another thread, and a
+    dict changed under it raises RuntimeError."""
+    try:
+        return list(inflight())
+    except RuntimeError:
+        return list(inflight())
+
+
 class Client:
     """One connected browser: its queue, lives on the loop of the server it connected to."""
 
@@ -295,7 +304,7 @@ class EventHub:
         if self._inflight is None:
             return None
         try:
-            requests = list(self._inflight())
+            requests = inflight_rows(self._inflight)
         except Exception:
             log.debug("aistats: in-flight snapshot failed", exc_info=True)
             return None

@@ -47,7 +47,7 @@ from tornado.httpserver import HTTPServer
 
 from ..outputs.metrics_server import render
 from . import params
-from .events import EventHub
+from .events import EventHub, inflight_rows
 
 log = logging.getLogger(__name__)
 
@@ -588,7 +588,7 @@ class Inflight(_Api):
     async def get(self) -> None:
         params.check_names(self.args(), ())
         try:
-            rows = list(self.ws.inflight())
+            rows = inflight_rows(self.ws.inflight)
         except Exception as e:
             log.debug("aistats: inflight() failed", exc_info=True)
             self.fail(500, f"in-flight requests unavailable: {type(e).__name__}")

@@ -341,7 +341,7 @@ function withFilter(q, key, value) {
 function histogram(title, dist, fmt) {
   const box = h('div', {class: 'hist'});
   box.append(h('div', {class: 'title'}, h('span', {}, title),
-    h('span', {}, dist ? `${fmtInt(dist.count)} requests` : 'no data')));
+    h('span', {}, dist ? `${fmtInt(dist.count)} request${dist.count === 1 ? '' : 's'}` : 'no data')));
   if (!dist || !dist.histogram) {
     box.append(h('div', {class: 'muted small'}, 'No value yet for the current filter.'));
     return box;
@@ -408,15 +408,18 @@ function statCards(s) {
 
 function inflightPanel() {
   const body = h('tbody');
+  const wrap = h('div', {class: 'tablewrap'});
   const panel = h('div', {class: 'panel', id: 'inflight'},
-    h('h2', {}, 'In flight ', h('span', {class: 'muted small', id: 'inflight-count'}, '')),
-    h('div', {class: 'tablewrap'}, h('table', {class: 'grid'},
+    h('h2', {class: 'inline'}, 'In flight ', h('span', {class: 'muted small', id: 'inflight-count'}, '')),
+    h('span', {class: 'muted small', id: 'inflight-none'}, 'No request in flight.'),
+    wrap);
+  wrap.append(h('table', {class: 'grid'},
       h('thead', {}, h('tr', {}, ['Elapsed', 'Model', 'Request', 'Host', 'Client', 'Session', 'Bytes']
         .map((c, i) => h('th', {class: i === 0 || i === 6 ? 'num' : ''}, c)))),
-      body)));
+      body));
   function render() {
     const rows = [...state.inflight.values()].sort((a, b) => (a.row.started || 0) - (b.row.started || 0));
-    $('#inflight-count', panel).textContent = rows.length ? `(${rows.length})` : '(none)';
+    $('#inflight-count', panel).textContent = rows.length ? `(${rows.length})` : '';
     body.replaceChildren(...rows.map(({row, at}) => h('tr', {dataset: {id: row.id}},
       h('td', {class: 'num elapsed', dataset: {base: row.elapsed_ms || 0, at}}, fmtMs(row.elapsed_ms)),
       h('td', {}, row.model || '–'),
@@ -425,7 +428,8 @@ function inflightPanel() {
       h('td', {}, row.client || '–'),
       h('td', {class: 'trunc'}, row.session_id || '–'),
       h('td', {class: 'num'}, fmtBytes(row.bytes)))));
-    if (!rows.length) body.append(h('tr', {}, h('td', {colspan: 7, class: 'muted'}, 'No request in flight.')));
+    wrap.hidden = !rows.length;  // one line when nothing is in flight
+    $('#inflight-none', panel).hidden = !!rows.length;
   }
   function tick() {  // the elapsed time moves between snapshots
     const now = performance.now();
@@ -526,7 +530,7 @@ function activityView() {
   const relTimer = setInterval(() => { if (rows.length) renderTable(); }, 15000);
 
   const parts = {filters: h('div'), cards: h('div'), hists: h('div'), table: h('div'), pager: h('div'), exports: h('div'), error: h('div')};
-  root.append(h('h1', {}, 'Activity'), parts.error, parts.filters, parts.cards, parts.hists, inflight.panel,
+  root.append(h('h1', {}, 'Activity'), inflight.panel, parts.error, parts.filters, parts.cards, parts.hists,
     h('h2', {}, 'Requests'), parts.table, parts.pager, parts.exports);
 
   function go(next) { setHash('/', next); }
@@ -752,7 +756,9 @@ function conversationView(conv, diff) {
   if (diff && diff.previous_id) {
     const bits = [];
     if (isNum(diff.common_prefix)) {
-      bits.push(`${diff.new_messages} new message${diff.new_messages === 1 ? '' : 's'} since `);
+      const echoed = isNum(diff.previous_answer_at) ? 1 : 0;
+      const n = diff.new_messages - echoed;
+      bits.push(`${n} new message${n === 1 ? '' : 's'}${echoed ? ' (after the previous answer)' : ''} since `);
     } else {
       bits.push('Previous request of this session: ');
     }
