@@ -19,7 +19,7 @@ from mitm import Mitmdump, replay
 from scrapekit import samples, scrape, wait_records
 from upstream import Reply, Upstream
 
-from aistats_engine.outputs.metrics_server import prometheus_text
+from aistats_engine.outputs.exposition import prometheus_text
 
 CASES = load_cases("higress_cases.json") + load_cases("higress_test_cases.json")
 IDS = [c["name"] for c in CASES]

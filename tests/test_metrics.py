@@ -5,13 +5,9 @@ from __future__ import annotations
 import json
 import random
 import re
-import socket
 import string
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +27,7 @@ from aistats_engine.outputs.metrics import (  # noqa: E402
     Metrics,
     MetricsConfig,
 )
-from aistats_engine.outputs.metrics_server import (  # noqa: E402
-    MAX_CONNECTIONS,
-    MetricsServer,
-    render,
-    wants_openmetrics,
-)
+from aistats_engine.outputs.exposition import render, wants_openmetrics  # noqa: E402
 from aistats_engine.record.record import Record  # noqa: E402
 
 ACCEPTANCE = Path(__file__).resolve().parents[2] / "shared" / "acceptance" / "higress_cases.json"
@@ -549,164 +540,19 @@ def test_observe_while_scraping_from_another_thread() -> None:
     assert total(m, HIGRESS_PREFIX + "llm_duration_count") == 2_000
 
 
-# -- the HTTP server ----------------------------------------------------------------------------------
+# -- exposition (served by web/server.py) --------------------------------------------------------------
 
 
-def _get(port: int, path: str, accept: str | None = None) -> tuple[int, str, str]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
-    if accept:
-        req.add_header("Accept", accept)
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status, resp.headers["Content-Type"], resp.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers["Content-Type"], e.read().decode()
-
-
-@pytest.fixture()
-def served() -> Any:
+def test_exposition_formats() -> None:
     m = Metrics()
     m.observe(rec(duration_ms=250.0, input_tokens=1, output_tokens=2, total_tokens=3))
-    server = MetricsServer(m.registry, port=0)
-    server.start()
-    yield m, server
-    server.stop()
-
-
-def test_server_ephemeral_port_and_formats(served: Any) -> None:
-    _, server = served
-    assert server.port > 0 and server.running
-    status, ctype, body = _get(server.port, "/metrics")
-    assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
-    assert "gen_ai_client_operation_duration_seconds_bucket" in body and "record_id" not in body
-    status, ctype, body = _get(server.port, "/metrics?x=1", accept=OM_ACCEPT)
-    assert status == 200 and ctype.startswith("application/openmetrics-text; version=1.0.0")
-    assert 'record_id="42"' in body and body.endswith("# EOF\n")
-
-
-def test_server_healthz_and_404(served: Any) -> None:
-    _, server = served
-    assert _get(server.port, "/healthz")[::2] == (200, "ok\n")
-    assert _get(server.port, "/nope")[0] == 404
-    assert _get(server.port, "/metrics/extra")[0] == 404
-
-
-def test_server_address_in_use_raises_at_start(served: Any) -> None:
-    _, server = served
-    other = MetricsServer(CollectorRegistry(), port=server.port)
-    with pytest.raises(OSError):
-        other.start()
-
-
-def test_server_stop_is_fast_and_releases_the_port() -> None:
-    server = MetricsServer(CollectorRegistry(), port=0)
-    server.start()
-    port = server.port
-    assert _get(port, "/healthz")[0] == 200
-    t0 = time.perf_counter()
-    server.stop()
-    assert time.perf_counter() - t0 < 0.1
-    assert not server.running
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    again = MetricsServer(CollectorRegistry(), port=port)  # hot reload binds the same port
-    again.start()
-    try:
-        assert _get(port, "/healthz")[0] == 200
-    finally:
-        again.stop()
-    server.stop()  # idempotent
-
-
-def _wait(cond: Any, timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
-
-
-def test_server_caps_connections_without_threads(served: Any) -> None:
-    _, server = served
-    threads_before = threading.active_count()
-    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(MAX_CONNECTIONS + 1)]
-    try:
-        assert _wait(lambda: server.open_connections == MAX_CONNECTIONS)
-        # the one past the cap got 503 and was closed, without a thread of its own
-        extra = idle[-1]
-        reply = b""
-        while chunk := extra.recv(4096):
-            reply += chunk
-        assert reply.startswith(b"HTTP/1.1 503 ") and b"Connection: close" in reply
-        assert threading.active_count() - threads_before <= MAX_CONNECTIONS
-        # a real scrape is answered at once (503 while all slots are held), not after a timeout
-        t0 = time.perf_counter()
-        status, _, body = _get(server.port, "/metrics")
-        assert status == 503 and body == "too many connections\n"
-        assert time.perf_counter() - t0 < 1.0
-        assert threading.active_count() - threads_before <= MAX_CONNECTIONS
-    finally:
-        for sock in idle:
-            sock.close()
-    # slots come back as soon as the clients go
-    assert _wait(lambda: server.open_connections == 0)
-    assert _get(server.port, "/metrics")[0] == 200
-    assert _wait(lambda: threading.active_count() <= threads_before)
-
-
-def test_server_closes_connections_that_outlive_their_deadline() -> None:
-    server = MetricsServer(CollectorRegistry(), port=0, max_connections=2, max_connection_seconds=0.3)
-    server.start()
-    try:
-        slow = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-        t0 = time.perf_counter()
-        closed = False
-        for ch in b"GET /metrics HTTP/1.1\r\n":  # trickles, each byte well inside the 10 s timeout
-            try:
-                slow.sendall(bytes([ch]))
-            except OSError:
-                closed = True
-                break
-            time.sleep(0.05)
-            if time.perf_counter() - t0 > 0.6:
-                break
-        if not closed:
-            slow.settimeout(2)
-            try:
-                assert slow.recv(100) == b""
-            except ConnectionResetError:
-                pass
-        assert time.perf_counter() - t0 < 2.0
-        slow.close()
-        assert _wait(lambda: server.open_connections == 0)
-        assert _get(server.port, "/healthz")[0] == 200
-    finally:
-        server.stop()
-
-
-def test_server_stop_is_fast_with_stalled_clients() -> None:
-    server = MetricsServer(CollectorRegistry(), port=0)
-    server.start()
-    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(3)]
-    try:
-        assert _wait(lambda: server.open_connections == 3)
-        t0 = time.perf_counter()
-        server.stop()
-        assert time.perf_counter() - t0 < 0.2
-        for sock in idle:  # their connections were shut down, so their threads end
-            try:
-                assert sock.recv(10) == b""
-            except ConnectionResetError:
-                pass
-    finally:
-        for sock in idle:
-            sock.close()
-
-
-def test_server_rejects_bad_limits() -> None:
-    with pytest.raises(ValueError):
-        MetricsServer(CollectorRegistry(), max_connections=0)
+    body, ctype = render(m.registry, None)
+    assert ctype.startswith("text/plain; version=0.0.4")
+    text = body.decode()
+    assert "gen_ai_client_operation_duration_seconds_bucket" in text and "record_id" not in text
+    body, ctype = render(m.registry, OM_ACCEPT)
+    assert ctype.startswith("application/openmetrics-text; version=1.0.0")
+    assert 'record_id="42"' in body.decode() and body.decode().endswith("# EOF\n")
 
 
 def _reference(values: list[float], buckets: tuple[float, ...]) -> dict[str, float]:

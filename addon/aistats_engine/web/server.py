@@ -7,7 +7,7 @@ live event streams either.
 
 * ``start()`` binds synchronously (``OSError`` if the address is in use; port 0 picks a free
   one, see ``.port``). ``stop()`` returns within about a second and releases the port.
-* ``GET /metrics``: :func:`..outputs.metrics_server.render` of ``metrics()`` (404 when that is
+* ``GET /metrics``: :func:`..outputs.exposition.render` of ``metrics()`` (404 when that is
   None, i.e. metrics are off). ``GET /healthz``: ``ok``. Both stay open when a token is set.
 * ``GET /api/...``: see :data:`ROUTES` below and README; bad parameters give 400 with
   ``{"error": "<one line>"}``, an unknown id 404, no store (``store()`` None) 404.
@@ -45,7 +45,7 @@ import orjson
 from tornado import httputil, iostream, netutil, web
 from tornado.httpserver import HTTPServer
 
-from ..outputs.metrics_server import render
+from ..outputs.exposition import render
 from . import params
 from .events import EventHub, inflight_rows
 
