@@ -40,6 +40,7 @@ from aistats_engine.outputs.captures import CaptureCache  # noqa: E402
 from aistats_engine.outputs.store import Store  # noqa: E402
 from aistats_engine.outputs.summary import SummaryLine  # noqa: E402
 from aistats_engine.record.clients import client_name  # noqa: E402
+from aistats_engine.record.cost import Pricer  # noqa: E402
 from aistats_engine.record import redact  # noqa: E402
 from aistats_engine.record.builder import (  # noqa: E402
     Attribution, Failure, RequestMeta, ResponseMeta, build_record, exchange_end)
@@ -184,12 +185,20 @@ class AIStats:
         self._use_rules(new.rules)
 
     def _use_rules(self, rules: rules_config.RulesConfig | None) -> None:
-        """The rules' session and consumer headers come before the options' ones."""
+        """The rules' session and consumer headers come before the options' ones; the file's
+        prices and host names apply from the next record on (what was learned per upstream
+        stays)."""
         cfg = self.settings
         assert cfg is not None
         sessions = (*(rules.session_headers if rules else ()), *cfg.session_headers)
         consumer = (rules.consumer_header if rules else None) or cfg.consumer_header
-        self._attribution = Attribution(tuple(dict.fromkeys(sessions)), consumer)
+        old = self._attribution
+        if old.pricer is not None:
+            old.pricer.close()
+        self._attribution = Attribution(
+            tuple(dict.fromkeys(sessions)), consumer,
+            Pricer(rules.prices if rules else (), allow_fetch=cfg.price_fetch),
+            old.upstreams, rules.provider_hosts if rules else (), old.responses)
         self.rules = rules
 
     def _build_jsonl(self, name: str, option: str, path: str, new: settings.Settings,
@@ -341,6 +350,8 @@ class AIStats:
             self.web.stop()
             self.web = None
         self.bus.close(wait=True)
+        if self._attribution.pricer is not None:
+            self._attribution.pricer.close()
 
     # -- hooks -----------------------------------------------------------------------------
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -466,7 +477,8 @@ class AIStats:
         st.request_info = read_request(
             req.raw_content, req.headers.get("content-encoding"),
             cfg.max_body if cfg is not None else settings.DEFAULT_MAX_BODY,
-            body.append if rules is not None else None)
+            body.append if rules is not None else None,
+            content_type=req.headers.get("content-type"), fmt=st.match)
         if rules is not None:
             rules.request(dict(first_values(req.headers.fields)), body[0] if body else None)
 
@@ -631,7 +643,7 @@ def _request_meta(flow: http.HTTPFlow) -> RequestMeta:
 
 def _response_meta(resp: http.Response) -> ResponseMeta:
     return ResponseMeta(resp.status_code, resp.headers.get("content-type"),
-                        resp.timestamp_start, resp.timestamp_end)
+                        resp.timestamp_start, resp.timestamp_end, resp.headers.get("server"))
 
 
 addons = [AIStats()]

@@ -66,6 +66,12 @@ class Parsed:
     stream_complete: bool = False  # the stream reached its format's end event
     hints: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    # A token-counting endpoint's answer (operation ``count_tokens``): a quote, never usage.
+    counted_tokens: int | None = None
+    # A Responses object's ``status`` (queued, in_progress, completed, failed, cancelled,
+    # incomplete): background responses are polled, so their usage is counted once, at the
+    # terminal status of ``chat_id``.
+    response_status: str | None = None
 
     @property
     def details(self) -> list[str]:
@@ -84,6 +90,7 @@ class Parsed:
             "stream_error_type": self.stream_error_type, "body_error": self.body_error,
             "stream_complete": self.stream_complete, "hints": list(self.hints),
             "problems": [list(p) for p in self.problems],
+            "counted_tokens": self.counted_tokens, "response_status": self.response_status,
         }
 
     @classmethod
@@ -94,7 +101,8 @@ class Parsed:
             chat_id=d["chat_id"], stream_error=d["stream_error"],
             stream_error_type=d["stream_error_type"], body_error=d["body_error"],
             stream_complete=d["stream_complete"], hints=list(d["hints"]),
-            problems=[Problem(k, t) for k, t in d["problems"]])
+            problems=[Problem(k, t) for k, t in d["problems"]],
+            counted_tokens=d.get("counted_tokens"), response_status=d.get("response_status"))
 
 
 def _parsed_from(state: ResponseState, problems: list[Problem]) -> Parsed:
@@ -102,11 +110,15 @@ def _parsed_from(state: ResponseState, problems: list[Problem]) -> Parsed:
     if usage.invalid:
         problems.append(Problem(INVALID_USAGE, "invalid token count in usage (negative, "
                                                "fractional or too large): left out"))
+    if state.counted_invalid:
+        problems.append(Problem(INVALID_USAGE, "invalid counted token count (negative, "
+                                               "fractional or too large): left out"))
     return Parsed(
         usage=usage, usage_source=source, speeds=speeds, finish_reason=state.finish_reason,
         response_model=state.response_model, chat_id=state.chat_id,
         stream_error=state.error, stream_error_type=state.error_type,
         hints=sorted(state.hints), problems=problems, stream_complete=state.complete,
+        counted_tokens=state.counted_tokens, response_status=state.response_status,
     )
 
 
@@ -377,9 +389,11 @@ def parse_body(fmt: WireFormat | str | None, body: bytes | None, content_encodin
     state = ResponseState(_fmt(fmt))
     if not body:
         return _parsed_from(state, [Problem(EMPTY_BODY, "empty response body")])
+    # Audio bytes, plain-text transcripts: a body of such a format that is not JSON is no problem.
+    opaque = state.fmt.opaque_body and not content_encoding and not _looks_json(body)
     if len(body) > max_body:
-        return _parsed_from(state, [Problem(BODY_TOO_LARGE,
-                                            f"response body over {max_body} bytes, not read")])
+        return _parsed_from(state, [] if opaque else [
+            Problem(BODY_TOO_LARGE, f"response body over {max_body} bytes, not read")])
     try:
         data = decode_body(body, content_encoding, max_body)
     except DecodeError as e:
@@ -389,6 +403,8 @@ def parse_body(fmt: WireFormat | str | None, body: bytes | None, content_encodin
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
+        if state.fmt.opaque_body and not _looks_json(data):
+            return _parsed_from(state, [])
         return _parsed_from(state, [Problem(INVALID_JSON, "invalid JSON")])
     if tap is not None:
         tap(obj)
@@ -396,3 +412,7 @@ def parse_body(fmt: WireFormat | str | None, body: bytes | None, content_encodin
     parsed = _parsed_from(state, [])
     parsed.body_error = errors.message_from(obj)
     return parsed
+
+
+def _looks_json(data: bytes) -> bool:
+    return data[:64].lstrip()[:1] in (b"{", b"[")

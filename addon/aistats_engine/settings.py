@@ -107,6 +107,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("aistats_capture_parts", ",".join(CAPTURE_PARTS),
                "What a capture keeps by default: any of req_headers, req_body, resp_headers, "
                "resp_body, comma-separated (binary audio/image endpoints keep less)."),
+    OptionSpec("aistats_price_fetch", "false",
+               "Fetch newer prices for genai-prices at run time (true/false; default: the "
+               "snapshot bundled with the package, offline)."),
     OptionSpec("aistats_store_captures", "false",
                "With a file store, keep captures in it too, under the same bound (true/false)."),
 )
@@ -145,6 +148,7 @@ class Settings:
     captures_bytes: int = DEFAULT_CAPTURES_MB << 20
     capture_parts: frozenset[str] = frozenset(CAPTURE_PARTS)
     store_captures: bool = False
+    price_fetch: bool = False
 
     def describe(self) -> str:
         """The effective configuration, for the start-up log line."""
@@ -302,4 +306,5 @@ def parse(values: Mapping[str, object]) -> Settings:
         captures_bytes=_int("aistats_captures_mb", v["aistats_captures_mb"], 0, 1 << 20) << 20,
         capture_parts=_parts("aistats_capture_parts", v["aistats_capture_parts"]),
         store_captures=_bool("aistats_store_captures", v["aistats_store_captures"]),
+        price_fetch=_bool("aistats_price_fetch", v["aistats_price_fetch"]),
     )

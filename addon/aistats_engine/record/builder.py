@@ -16,7 +16,8 @@ from ..wire.reader import RequestInfo
 from . import errors, problems
 from .clients import client_name
 from .problems import BODY_TOO_LARGE, DECOMPRESSION, Problem
-from .providers import decide_provider
+from .cost import Pricer
+from .providers import ProviderHost, UpstreamProviders, decide_provider
 from .record import Record, rfc3339_ms
 from .redact import Redactor
 
@@ -48,6 +49,7 @@ class ResponseMeta:
     content_type: str | None
     t_headers: float | None
     t_end: float | None
+    server: str | None = None  # the ``Server`` header (llama.cpp names itself there)
 
 
 @dataclass(slots=True)
@@ -58,8 +60,15 @@ class Failure:
 
 @dataclass(slots=True)
 class Attribution:
+    """What a record is attributed to beyond the flow itself: session and consumer headers, the
+    provider names the user gave hosts and those learned per upstream, and prices."""
+
     session_headers: tuple[str, ...] = DEFAULT_SESSION_HEADERS
     consumer_header: str = DEFAULT_CONSUMER_HEADER
+    pricer: Pricer | None = None
+    upstreams: UpstreamProviders = field(default_factory=UpstreamProviders)
+    user_hosts: tuple[ProviderHost, ...] = ()
+    responses: ResponsesCounted = field(default_factory=lambda: ResponsesCounted())
 
     def session_of(self, headers: Mapping[str, str]) -> str | None:
         """The first configured session header present (``headers``: case-insensitive)."""
@@ -101,6 +110,51 @@ def _outcome(resp: ResponseMeta | None, p: Parsed, failure: Failure | None
     if p.stream_error is not None:
         return p.stream_error, p.stream_error_type or "stream_error"
     return None, None
+
+
+TERMINAL_RESPONSE_STATUSES = frozenset({"completed", "failed", "cancelled", "incomplete"})
+
+
+class ResponsesCounted:
+    """OpenAI Responses in background mode: the usage of one response arrives on the POST, a
+    poll (``GET /v1/responses/{id}``), a resumed stream or a cancel — whichever the client used
+    to learn the terminal status, possibly several of them. It counts once: the first record
+    that carries it; later ones for the same id keep their status but not the usage. Bounded
+    (the oldest ids are forgotten first)."""
+
+    def __init__(self, max_ids: int = 10_000) -> None:
+        self._ids: dict[str, str] = {}  # response id → the flow whose record counted it
+        self._max = max_ids
+
+    def seen_before(self, rec: Record) -> bool:
+        """True when another flow's record already carried this response's usage (the same
+        flow read again, as a replay in the same process does, is not another)."""
+        if (rec.response_status not in TERMINAL_RESPONSE_STATUSES or not rec.chat_id
+                or rec.api not in ("responses", "responses_retrieve", "responses_cancel")):
+            return False
+        counted_by = self._ids.get(rec.chat_id)
+        if counted_by is not None:
+            return counted_by != rec.flow_id
+        self._ids[rec.chat_id] = rec.flow_id
+        if len(self._ids) > self._max:
+            del self._ids[next(iter(self._ids))]
+        return False
+
+
+def _counted_elsewhere(rec: Record) -> None:
+    rec.input_tokens = rec.output_tokens = rec.cached_tokens = None
+    rec.cache_creation_tokens = rec.reasoning_tokens = rec.total_tokens = None
+    rec.usage_source = "counted_before"
+
+
+def _provider(match: Match, req: RequestMeta, resp: ResponseMeta | None, p: Parsed,
+              attribution: Attribution) -> str | None:
+    """One backend, one provider: what this response says (``Server`` header, body hints) is
+    learned per upstream and applies to its later requests too (errors, aborted streams)."""
+    server = resp.server if resp is not None else None
+    learned = attribution.upstreams.observe(req.host, req.port, server, p.hints)
+    return decide_provider(match, req.host, req.port, p.hints, server_header=server,
+                           user_hosts=attribution.user_hosts, learned=learned)
 
 
 def exchange_end(req: RequestMeta, resp: ResponseMeta | None, timing: StreamTiming | None,
@@ -153,7 +207,7 @@ def build_record(
         status=resp.status if resp is not None else None,
         response_content_type=resp.content_type if resp is not None else None,
         stream=stream,
-        provider=decide_provider(match, req.host, req.port, set(p.hints)),
+        provider=_provider(match, req, resp, p, attribution),
         api=match.api,
         operation=match.operation or None,
         model=match.model_from_path or request_info.model or p.response_model,
@@ -182,6 +236,10 @@ def build_record(
         rec.prompt_per_second, rec.tokens_per_second = s.prompt_per_second, s.tokens_per_second
         rec.server_duration_ms = s.server_duration_ms
         rec.draft_tokens, rec.draft_accepted_tokens = s.draft_tokens, s.draft_accepted_tokens
+        rec.counted_tokens = p.counted_tokens
+        rec.response_status = p.response_status
+        if attribution.responses.seen_before(rec):
+            _counted_elsewhere(rec)
         found = list(p.problems)
     else:
         # Error bodies are expected to be plain text or odd JSON: only decoding failures count.
@@ -203,6 +261,13 @@ def build_record(
                 (rec.output_tokens - 1) / (rec.decode_ms / 1000), 3)
     elif stream and timing is not None:
         rec.chunks = 0
+    if attribution.pricer is not None and ok:
+        rec.cost_usd, rec.cost_source = attribution.pricer.price(
+            rec.provider, rec.response_model or rec.model, rec.input_tokens, rec.output_tokens,
+            rec.cached_tokens, rec.cache_creation_tokens, rec.reasoning_tokens, req.t_start,
+            fallback_model=rec.model, operation=rec.operation)
+    elif attribution.pricer is not None:
+        rec.cost_source = "unknown"
     if rules is not None:
         rules.finish(rec, stream)
         if rules.truncated:

@@ -43,6 +43,7 @@ class Record:
     reasoning_tokens: int | None = None
     total_tokens: int | None = None
     usage_source: str = "missing"
+    counted_tokens: int | None = None  # a token-counting endpoint's answer: a quote, not usage
     # time
     duration_ms: float | None = None
     ttfb_ms: float | None = None
@@ -70,6 +71,7 @@ class Record:
     attributes: dict[str, Any] = field(default_factory=dict)
     chat_id: str | None = None
     chat_round: int | None = None
+    response_status: str | None = None  # OpenAI Responses: queued, in_progress, completed, …
     has_capture: bool = False
     # Not logged: offsets (ms from request start) of content-bearing stream events, for the
     # per-chunk latency histogram. Bounded by the observer's chunk-time cap.

@@ -19,6 +19,8 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from ..record.cost import UserPrice, parse_prices
+from ..record.providers import ProviderHost, parse_provider_hosts
 from ..record.record import LOGGED_FIELDS
 from ..settings import SettingsError
 from .builtins import BUILTINS, CONTENT_BUILTINS, default_sources
@@ -46,7 +48,7 @@ _TOP_KEYS = ("attributes", "use_default_attributes", "use_default_response_attri
              "enable_content_types", "session_id_header", "aistats")
 _ATTRIBUTE_KEYS = ("key", "value_source", "value", "rule", "default_value", "apply_to_log",
                    "apply_to_span", "trace_span_key", "as_separate_log_field")
-_OWN_KEYS = ("consumer_header", "session_headers")
+_OWN_KEYS = ("consumer_header", "session_headers", "prices", "providers")
 
 
 class ConfigError(SettingsError):
@@ -87,6 +89,8 @@ class RulesConfig:
     session_headers: tuple[str, ...]  # session_id_header first, then Higress's defaults
     consumer_header: str | None
     stamp: tuple[float, int]  # the file's mtime and size when read (reload check)
+    prices: tuple[UserPrice, ...] = ()  # the user's own prices (record/cost.py)
+    provider_hosts: tuple[ProviderHost, ...] = ()  # the user's names for hosts
 
     @property
     def builtins(self) -> frozenset[str]:
@@ -178,7 +182,14 @@ def parse(data: object, file: str = "<config>", stamp: tuple[float, int] = (0.0,
         session += tuple(c.header(h, f"aistats.session_headers[{i}]")
                          for i, h in enumerate(c.list_of(own, "session_headers",
                                                          "aistats.session_headers")))
+    try:
+        prices = parse_prices(own.get("prices"), "aistats.prices")
+        hosts = parse_provider_hosts(own.get("providers"), "aistats.providers")
+    except ValueError as e:
+        where, _, rest = str(e).partition(": ")
+        raise ConfigError(file, where, "", rest) from None
     return RulesConfig(
+        prices=prices, provider_hosts=hosts,
         file=file, attributes=attributes, value_length_limit=limit, path_suffixes=suffixes,
         content_types=types,
         disable_openai_usage=c.boolean(top, "disable_openai_usage", "disable_openai_usage"),

@@ -25,10 +25,45 @@ class Usage:
     cache_creation: int | None = None
     reasoning: int | None = None
     invalid: bool = False  # some reported count was not a valid token count
+    # Merging only (not part of the result): the input count outside cache reads and writes,
+    # for the shapes whose input total is a sum of parts (Anthropic, Bedrock) — ``summed``;
+    # ``whole``: this usage replaces every earlier one whole (Gemini ``usageMetadata``).
+    input_uncached: int | None = None
+    summed: bool = False
+    whole: bool = False
 
     def merge(self, new: Usage) -> None:
         """The one stream merge rule: input/output are replaced by a later value only when it is
-        greater than 0 (or nothing was known yet); cache and reasoning counts whenever reported."""
+        greater than 0 (or nothing was known yet); cache and reasoning counts whenever reported.
+        An input that is a sum of parts is summed again from the merged parts (a later explicit
+        ``cache_read_input_tokens: 0`` lowers the total with the cached count). A ``whole`` usage
+        (Gemini: the last ``usageMetadata`` wins) replaces everything."""
+        if new.whole:
+            invalid = self.invalid | new.invalid
+            (self.input, self.output, self.cached, self.cache_creation, self.reasoning,
+             self.input_uncached, self.summed, self.whole) = (
+                new.input, new.output, new.cached, new.cache_creation, new.reasoning,
+                new.input_uncached, new.summed, True)
+            self.invalid = invalid
+            return
+        if new.summed and self.summed:
+            base = new.input_uncached
+            if base is not None and (base > 0 or self.input_uncached is None):
+                self.input_uncached = base
+            if new.cached is not None:
+                self.cached = new.cached
+            if new.cache_creation is not None:
+                self.cache_creation = new.cache_creation
+            parts = [p for p in (self.input_uncached, self.cached, self.cache_creation)
+                     if p is not None]
+            if parts:
+                self.input = sum(parts)
+            if new.output is not None and (new.output > 0 or self.output is None):
+                self.output = new.output
+            if new.reasoning is not None:
+                self.reasoning = new.reasoning
+            self.invalid |= new.invalid
+            return
         if new.input is not None and (new.input > 0 or self.input is None):
             self.input = new.input
         if new.output is not None and (new.output > 0 or self.output is None):
@@ -65,7 +100,7 @@ class _Counts:
         known = [p for p in parts if p is not None]
         return sum(known) if known else None
 
-    def usage(self, **counts: int | None) -> Usage:
+    def usage(self, **counts: Any) -> Usage:
         return Usage(invalid=self.invalid, **counts)
 
 
@@ -102,39 +137,121 @@ def responses_usage(u: dict) -> Usage:
                    reasoning=c(_sub(u, "output_tokens_details").get("reasoning_tokens")))
 
 
+def _summed(c: _Counts, base: int | None, read: int | None, written: int | None,
+            output: int | None) -> Usage:
+    """A usage whose input total is uncached input + cache reads + cache writes."""
+    return c.usage(input=c.sum(base, read, written), output=output, cached=read,
+                   cache_creation=written, input_uncached=base, summed=True)
+
+
 def anthropic_usage(u: dict) -> Usage:
     """Anthropic messages: cache reads and writes are outside ``input_tokens``; add them."""
     c = _Counts()
-    read, created = c(u.get("cache_read_input_tokens")), c(u.get("cache_creation_input_tokens"))
-    return c.usage(input=c.sum(c(u.get("input_tokens")), read, created),
-                   output=c(u.get("output_tokens")), cached=read, cache_creation=created)
+    return _summed(c, c(u.get("input_tokens")), c(u.get("cache_read_input_tokens")),
+                   c(u.get("cache_creation_input_tokens")), c(u.get("output_tokens")))
 
 
 def bedrock_usage(u: dict) -> Usage:
     """Bedrock Converse: cache reads and writes are outside ``inputTokens``; add them."""
     c = _Counts()
-    read, written = c(u.get("cacheReadInputTokens")), c(u.get("cacheWriteInputTokens"))
-    return c.usage(input=c.sum(c(u.get("inputTokens")), read, written),
-                   output=c(u.get("outputTokens")), cached=read, cache_creation=written)
+    return _summed(c, c(u.get("inputTokens")), c(u.get("cacheReadInputTokens")),
+                   c(u.get("cacheWriteInputTokens")), c(u.get("outputTokens")))
 
 
 def bedrock_invocation_metrics(m: dict) -> Usage:
     """Bedrock InvokeModel streams: ``amazon-bedrock-invocationMetrics`` on the last chunk."""
     c = _Counts()
-    read, written = c(m.get("cacheReadInputTokenCount")), c(m.get("cacheWriteInputTokenCount"))
-    return c.usage(input=c.sum(c(m.get("inputTokenCount")), read, written),
-                   output=c(m.get("outputTokenCount")), cached=read, cache_creation=written)
+    return _summed(c, c(m.get("inputTokenCount")), c(m.get("cacheReadInputTokenCount")),
+                   c(m.get("cacheWriteInputTokenCount")), c(m.get("outputTokenCount")))
+
+
+_GEMINI_COUNTS = ("promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount",
+                  "totalTokenCount")
 
 
 def gemini_usage(m: dict) -> Usage | None:
-    """Gemini ``usageMetadata``: output is candidates + thoughts, input adds tool-use prompt."""
-    if "promptTokenCount" not in m and "candidatesTokenCount" not in m:
+    """Gemini ``usageMetadata`` (the last one wins whole): input is prompt + tool-use prompt;
+    output is candidates + thoughts, an absent ``candidatesTokenCount`` counting 0 (a thinking
+    model whose whole output is thoughts, or a last chunk that drops it). ``totalTokenCount`` is
+    used only then: output = total − input when that is at least the thoughts (the candidates
+    the chunk did not count); with candidates reported, the parts are kept as they are."""
+    if not any(k in m for k in _GEMINI_COUNTS):
         return None
     c = _Counts()
     thoughts = c(m.get("thoughtsTokenCount"))
-    return c.usage(input=c.sum(c(m.get("promptTokenCount")), c(m.get("toolUsePromptTokenCount"))),
-                   output=c.sum(c(m.get("candidatesTokenCount")), thoughts),
-                   cached=c(m.get("cachedContentTokenCount")), reasoning=thoughts)
+    candidates = c(m.get("candidatesTokenCount"))
+    inp = c.sum(c(m.get("promptTokenCount")), c(m.get("toolUsePromptTokenCount")))
+    output = c.sum(candidates, thoughts)
+    if candidates is None:
+        total = c(m.get("totalTokenCount"))
+        if total is not None and inp is not None and total - inp >= (thoughts or 0):
+            output = total - inp
+    return c.usage(input=inp, output=output, cached=c(m.get("cachedContentTokenCount")),
+                   reasoning=thoughts, whole=True)
+
+
+def _statistics_sum(c: _Counts, items: Any, key: str, inner: str | None) -> int | None:
+    """Sum of ``[inner.]statistics.<key>`` over embedding items; None when none reports it."""
+    if isinstance(items, dict):
+        items = [items]
+    total = None
+    if isinstance(items, list):
+        for it in items:
+            e = it.get(inner) if inner and isinstance(it, dict) else it
+            n = c(_sub(e, "statistics").get(key))
+            if n is not None:
+                total = (total or 0) + n
+    return total
+
+
+def gemini_embed_usage(obj: dict) -> Usage | None:
+    """Gemini / Vertex ``embedContent`` and ``batchEmbedContents``: input tokens from
+    ``usageMetadata.promptTokenCount`` when reported (Vertex), else the sum of the embeddings'
+    ``statistics.tokenCount``; an embedding has no output count."""
+    c = _Counts()
+    m = obj.get("usageMetadata")
+    if isinstance(m, dict) and "promptTokenCount" in m:
+        return c.usage(input=c(m.get("promptTokenCount")))
+    items = obj.get("embeddings") if "embeddings" in obj else obj.get("embedding")
+    n = _statistics_sum(c, items, "tokenCount", None)
+    return c.usage(input=n) if n is not None or c.invalid else None
+
+
+def vertex_predict_usage(obj: dict) -> Usage | None:
+    """Vertex ``predict`` on an embedding model: the sum of
+    ``predictions[].embeddings.statistics.token_count``."""
+    c = _Counts()
+    n = _statistics_sum(c, obj.get("predictions"), "token_count", "embeddings")
+    return c.usage(input=n) if n is not None or c.invalid else None
+
+
+def cohere_usage(u: dict) -> Usage:
+    """Cohere v2 (``usage`` of chat, ``meta`` of embed): ``tokens`` counts, else
+    ``billed_units``, field by field."""
+    c = _Counts()
+    tokens, billed = _sub(u, "tokens"), _sub(u, "billed_units")
+
+    def pick(key: str) -> int | None:
+        v = c(tokens.get(key))
+        return v if v is not None else c(billed.get(key))
+
+    return c.usage(input=pick("input_tokens"), output=pick("output_tokens"))
+
+
+# Where a token-counting endpoint puts its count: Anthropic and OpenAI ``input_tokens``,
+# Gemini ``totalTokens``, Bedrock ``inputTokens``.
+_COUNTED_KEYS = ("input_tokens", "totalTokens", "inputTokens")
+
+
+def read_counted(obj: Any) -> tuple[int | None, bool]:
+    """The count a token-counting endpoint answered, and whether it was reported but invalid."""
+    if not isinstance(obj, dict):
+        return None, False
+    c = _Counts()
+    for key in _COUNTED_KEYS:
+        if key in obj:
+            return c(obj[key]), c.invalid
+    return None, False
 
 
 def ollama_usage(obj: dict) -> Usage:
@@ -144,6 +261,8 @@ def ollama_usage(obj: dict) -> Usage:
 
 
 def _from_usage_object(u: dict, anthropic: bool) -> Usage | None:
+    if u.get("tokens").__class__ is dict or u.get("billed_units").__class__ is dict:
+        return cohere_usage(u)
     if "prompt_tokens" in u or "completion_tokens" in u:
         return openai_usage(u)
     if "input_tokens" in u or "output_tokens" in u:
@@ -174,6 +293,9 @@ def read_usage(obj: dict, anthropic: bool = False) -> Usage | None:
         return gemini_usage(m)
     if "prompt_eval_count" in obj or "eval_count" in obj:
         return ollama_usage(obj)
+    g = obj.get("x_groq")  # Groq streams: usage inside x_groq when there is no top-level one
+    if isinstance(g, dict) and isinstance(g.get("usage"), dict):
+        return _from_usage_object(g["usage"], anthropic)
     return None
 
 

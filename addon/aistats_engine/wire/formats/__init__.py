@@ -10,12 +10,17 @@ import re
 from urllib.parse import unquote
 
 from ..format import Match, WireFormat
-from . import anthropic, bedrock, gemini, generic, ollama, openai, responses
+from . import (anthropic, audio, bedrock, cohere, gemini, generic, images, ollama, openai,
+               responses)
 
 FORMATS: tuple[WireFormat, ...] = (
     openai.CHAT_COMPLETIONS,
     anthropic.COUNT_TOKENS,
     anthropic.MESSAGES,
+    responses.INPUT_TOKENS,
+    responses.COMPACT,
+    responses.CANCEL,
+    responses.RETRIEVE,  # GET
     responses.RESPONSES,
     openai.EMBEDDINGS,
     openai.RERANK,
@@ -27,12 +32,27 @@ FORMATS: tuple[WireFormat, ...] = (
     openai.LLAMACPP_COMPLETION,
     gemini.GENERATE_CONTENT,
     gemini.COUNT_TOKENS,
+    gemini.EMBED_CONTENT,
+    gemini.VERTEX_PREDICT,
     bedrock.CONVERSE,
     bedrock.INVOKE,
+    bedrock.COUNT_TOKENS,
+    cohere.CHAT,
+    cohere.EMBED,
+    audio.SPEECH,
+    audio.TRANSCRIPTIONS,
+    audio.TRANSLATIONS,
+    images.GENERATIONS,
+    images.EDITS,
+    images.SD_TXT2IMG,
+    images.SD_IMG2IMG,
 )
 _BY_API = {}
 for _f in FORMATS:
     _BY_API.setdefault(_f.api, _f)
+# The formats each HTTP method can speak, in matching order (most traffic is GET: few formats).
+_METHODS = sorted({m for f in FORMATS for m in f.methods})
+_BY_METHOD = {m: tuple(f for f in FORMATS if m in f.methods) for m in _METHODS}
 
 _UPSTREAM = re.compile(r"^/upstream/([^/]+)(/.*)$")  # llama-swap: /upstream/<model>/<path>
 
@@ -42,9 +62,9 @@ def by_api(api: str) -> WireFormat:
     return _BY_API[api]
 
 
-def _match_path(path: str) -> Match | None:
+def _match_path(formats: tuple[WireFormat, ...], path: str) -> Match | None:
     p = path.rstrip("/")
-    for fmt in FORMATS:
+    for fmt in formats:
         m = fmt.match(p)
         if m is not None:
             return m
@@ -64,12 +84,15 @@ def match_configured(method: str, path: str, suffixes: tuple[str, ...]) -> Match
 
 
 def match_api(method: str, path: str) -> Match | None:
-    """The format a request speaks, or None when it is not LLM traffic we read."""
-    if method.upper() != "POST":
+    """The format a request speaks (its method and path), or None when it is not LLM traffic
+    we read. Formats are POST unless they say otherwise (``WireFormat.methods``: the Responses
+    poll and stream resume are GET)."""
+    formats = _BY_METHOD.get(method.upper())
+    if formats is None:
         return None
     path = path.split("?", 1)[0]
     m = _UPSTREAM.match(path)
     if m:
-        inner = _match_path(m.group(2))
+        inner = _match_path(formats, m.group(2))
         return inner.with_model(unquote(m.group(1))) if inner is not None else None
-    return _match_path(path)
+    return _match_path(formats, path)

@@ -1,10 +1,11 @@
-"""Anthropic messages and count_tokens. Streams are typed SSE events: usage on
-``message_start.message.usage`` then cumulative on ``message_delta.usage``; content in
+"""Anthropic messages and count_tokens (its count is ``counted_tokens``, not usage). Streams
+are typed SSE events: usage on ``message_start.message.usage`` then cumulative on
+``message_delta.usage`` (the input total summed again from the merged parts); content in
 ``content_block_delta``; ``message_stop`` ends the stream."""
 
 from __future__ import annotations
 
-from ..format import WireFormat
+from ..format import CountingFormat, WireFormat
 from ..reader import ResponseState
 
 _QUIET = frozenset({"ping", "content_block_start", "content_block_stop"})
@@ -43,11 +44,10 @@ class Messages(WireFormat):
         return read_event(state, obj)
 
 
-class CountTokens(WireFormat):
-    api = "count_tokens"
-    operation = "count_tokens"
+class CountTokens(CountingFormat):
+    """``{"input_tokens": N}``: ``counted_tokens``, not usage."""
+
     provider = "anthropic"
-    anthropic_usage = True
     suffixes = ("/messages/count_tokens",)
 
 

@@ -1,5 +1,6 @@
 """Amazon Bedrock runtime: Converse / ConverseStream and InvokeModel /
-InvokeModelWithResponseStream (``/model/<id>/<action>``; streams are AWS event-stream frames).
+InvokeModelWithResponseStream (``/model/<id>/<action>``; streams are AWS event-stream frames),
+and CountTokens (``/model/<id>/count-tokens``).
 
 Converse streams name each frame (``messageStart``, ``contentBlockDelta``, ``messageStop``,
 ``metadata`` with ``usage``). InvokeModel streams wrap the model's own events in ``chunk`` frames
@@ -18,7 +19,7 @@ from urllib.parse import unquote
 
 import orjson
 
-from ..format import Match, WireFormat
+from ..format import CountingFormat, Match, WireFormat
 from ..reader import ResponseState
 from ..usage import bedrock_invocation_metrics, Usage
 from . import anthropic
@@ -127,5 +128,20 @@ class Invoke(_Bedrock):
             state.usage = _family_usage(obj)
 
 
+_COUNT_PATH = re.compile(r"/model/([^/]+)/count-tokens$")
+
+
+class CountTokens(CountingFormat):
+    """``CountTokens`` (``/model/<id>/count-tokens``): ``{"inputTokens": N}`` is
+    ``counted_tokens``, not usage."""
+
+    provider = "aws.bedrock"
+
+    def match(self, path: str) -> Match | None:
+        m = _COUNT_PATH.search(path)
+        return Match(self, unquote(m.group(1))) if m is not None else None
+
+
 CONVERSE = Converse()
 INVOKE = Invoke()
+COUNT_TOKENS = CountTokens()

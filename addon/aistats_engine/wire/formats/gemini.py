@@ -1,16 +1,20 @@
-"""Gemini ``generateContent`` / ``streamGenerateContent`` (Google AI and Vertex AI) and
-``countTokens``. The model is in the URL; ``usageMetadata`` is cumulative on stream chunks; a
-candidate's ``finishReason`` ends the stream."""
+"""Gemini ``generateContent`` / ``streamGenerateContent`` (Google AI and Vertex AI),
+``countTokens`` and embeddings (``embedContent``, ``batchEmbedContents``, Vertex ``predict`` on a
+Google embedding model). The model is in the URL; ``usageMetadata`` is cumulative on stream chunks
+and the last one wins whole; a candidate's ``finishReason`` ends the stream."""
 
 from __future__ import annotations
 
 import re
 from urllib.parse import unquote
 
-from ..format import Match, WireFormat
+from ..format import CountingFormat, Match, WireFormat
 from ..reader import ResponseState, finish_reason
+from ..usage import Usage, gemini_embed_usage, vertex_predict_usage
 
 _PATH = re.compile(r"/models/([^/:]+):(generateContent|streamGenerateContent|countTokens)$")
+_EMBED = re.compile(r"/models/([^/:]+):(embedContent|batchEmbedContents)$")
+_PREDICT = re.compile(r"/publishers/google/models/([^/:]+):predict$")
 
 
 def _content(obj: dict) -> bool:
@@ -45,9 +49,10 @@ class GenerateContent(WireFormat):
         return _content(obj)
 
 
-class CountTokens(WireFormat):
-    api = "count_tokens"
-    operation = "count_tokens"
+class CountTokens(CountingFormat):
+    """``{"totalTokens": N}``: ``counted_tokens``, not usage."""
+
+    fallback_provider = "gcp.gemini"
 
     def match(self, path: str) -> Match | None:
         m = _PATH.search(path)
@@ -56,5 +61,44 @@ class CountTokens(WireFormat):
         return Match(self, unquote(m.group(1)))
 
 
+class EmbedContent(WireFormat):
+    """``embedContent`` / ``batchEmbedContents``: input tokens from ``usageMetadata`` when the
+    service reports it (Vertex), else the embeddings' ``statistics.tokenCount``; no output."""
+
+    api = "embed_content"
+    operation = "embeddings"
+    fallback_provider = "gcp.gemini"
+
+    def match(self, path: str) -> Match | None:
+        m = _EMBED.search(path)
+        return Match(self, unquote(m.group(1))) if m is not None else None
+
+    def read_usage(self, obj: dict) -> Usage | None:
+        return gemini_embed_usage(obj)
+
+
+class VertexPredict(WireFormat):
+    """Vertex AI ``predict`` on a Google text/multimodal embedding model
+    (``text-embedding-005``, ``gemini-embedding-001``, ``multimodalembedding@001``, …):
+    input tokens are the sum of ``predictions[].embeddings.statistics.token_count``. A
+    ``predict`` on another model (Imagen, …) is not an embedding call and is not matched."""
+
+    api = "predict"
+    operation = "embeddings"
+    fallback_provider = "gcp.vertex_ai"
+
+    def match(self, path: str) -> Match | None:
+        m = _PREDICT.search(path)
+        if m is None:
+            return None
+        model = unquote(m.group(1))
+        return Match(self, model) if "embedding" in model.lower() else None
+
+    def read_usage(self, obj: dict) -> Usage | None:
+        return vertex_predict_usage(obj)
+
+
 GENERATE_CONTENT = GenerateContent()
 COUNT_TOKENS = CountTokens()
+EMBED_CONTENT = EmbedContent()
+VERTEX_PREDICT = VertexPredict()

@@ -3,7 +3,9 @@ vLLM, Groq, DeepSeek, OpenRouter and most gateways speak), and llama.cpp's own `
 and ``/infill``.
 
 Streams are SSE chunks ending with ``data: [DONE]``; usage is on the final chunk when the client
-asked ``stream_options.include_usage``; llama.cpp adds ``timings``, vLLM ``metrics``.
+asked ``stream_options.include_usage`` (Groq: inside ``x_groq`` when not at the top level);
+llama.cpp adds ``timings``, vLLM ``metrics``. llama.cpp's native ``/completion`` names its stop
+``stop_type`` (read as the finish reason).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ _RARE_KEYS = frozenset({
     "timings", "metrics", "error", "type", "response", "message", "usageMetadata",
     "prompt_eval_count", "eval_count", "eval_duration", "prompt_eval_duration",
     "total_duration", "stop_reason", "done_reason", "stopReason", "content", "stop",
+    "x_groq", "stop_type",
 })
 
 
