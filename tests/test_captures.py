@@ -200,10 +200,16 @@ def test_request_secrets_echoed_anywhere_are_redacted():
     assert "qk-9876543210" in cap["resp_body"]  # not a secret of this request, nor a key shape
 
 
-def test_well_known_key_shapes_redacted_in_text_bodies():
+def test_bodies_lose_the_request_secrets_and_headers_lose_key_shapes_too():
+    """Bodies are scanned for the request's own secrets only (an echo); a key shape a prompt
+    happens to contain stays, as sent: scanning every body for shapes would cost more than
+    the rest of the capture. Headers, short, are scanned for both."""
     shape = "sk-" + "A" * 30
-    cap = build_capture(event(resp_body=f'{{"text":"{shape}"}}'.encode()), ALL_PARTS, MAX)
-    assert shape not in cap["resp_body"] and cap["resp_body"] == '{"text":"[REDACTED]"}'
+    ev = event(req_headers=b({"Authorization": f"Bearer {KEY}", "X-Note": shape}),
+               resp_body=f'{{"echo":"{KEY}","text":"{shape}"}}'.encode())
+    cap = build_capture(ev, ALL_PARTS, MAX)
+    assert cap["resp_body"] == f'{{"echo":"[REDACTED]","text":"{shape}"}}'
+    assert cap["req_headers"]["X-Note"] == "[REDACTED]"
 
 
 def test_binary_body_stored_as_base64_with_secrets_scrubbed():

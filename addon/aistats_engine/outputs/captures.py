@@ -17,7 +17,9 @@ A capture is one JSON object per record id (``build_capture``)::
 * Secrets: every secret value the request carried (credential headers, ``key=``-style query
   parameters; ``redact.secrets_of``), plus response cookies, is replaced wherever it appears in
   the stored headers, path and bodies, so a key an upstream echoes in an error body never shows;
-  text also loses well-known key shapes (``redact.Redactor``). Otherwise bodies stay as sent.
+  headers also lose well-known key shapes (``redact.Redactor``); bodies are not scanned for
+  shapes (a prompt's own text stays as sent, and the scan would cost more than the rest of the
+  capture). Otherwise bodies stay as sent.
 * Parts outside the mask (``mask_for``: the configured parts, narrowed per path so big binary
   payloads stay out of memory) are None. A capture is stored even when the mask is empty.
 * When (llama-swap's rules): a 2xx with a non-empty body that decodes is captured whole, invalid
@@ -89,7 +91,7 @@ def _text_or_b64(body: bytes, red: redact.Redactor, secrets: tuple[bytes, ...]
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         return None, base64.b64encode(_scrub(body, secrets)).decode("ascii")
-    return red(text), None
+    return red.exact(text), None
 
 
 def _header_map(pairs: list[tuple[str, str]], red: redact.Redactor,

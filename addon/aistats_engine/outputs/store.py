@@ -67,7 +67,8 @@ SCHEMA_VERSION = 1
 DEFAULT_MAX_ROWS = 1000
 DEFAULT_QUEUE = 10_000
 DEFAULT_QUEUE_BYTES = 64 << 20
-BATCH = 500  # records per transaction at most
+BATCH = 64  # records per transaction at most (short stretches holding the GIL: streamed
+# chunks of other connections wait behind them)
 EXPORT_CHUNK = 500
 MAX_LIMIT = 1000
 IDLE_TICK = 1.0  # seconds the writer waits for records before doing idle work
