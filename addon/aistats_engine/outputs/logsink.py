@@ -38,6 +38,8 @@ from pathlib import Path
 
 import orjson
 
+from .drops import Drops
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 100 << 20
@@ -68,13 +70,12 @@ class JsonlSink:
         self.max_bytes = max_bytes
         self.backups = backups
         self.flush_interval = flush_interval
-        self.on_drop = on_drop
-        self.dropped = 0  # records lost for any reason (see on_drop)
+        self._drops = Drops(on_drop, "log")
         self.written = 0  # records written to the file
         # Queue(0) would be unbounded: keep at least one slot.
         self._q: queue.Queue[object] = queue.Queue(max(1, max_queue))
         self._stop = threading.Event()
-        self._drop_lock = threading.Lock()  # `dropped` is counted from both threads
+        self._drop_lock = threading.Lock()  # the queue-full count, kept from the callers
         self._queue_full = 0
         self._check_interval = CHECK_INTERVAL
         # Writer-thread state from here on.
@@ -90,7 +91,6 @@ class JsonlSink:
         self._next_open = 0.0
         self._next_rotate = 0.0
         self._rotate_reported = False
-        self._on_drop_reported = False
         # Open now so a bad path fails at start-up (the caller reports the option), not later.
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._open()
@@ -314,14 +314,9 @@ class JsonlSink:
                     "again", self.path, _why(e))
 
     def _drop(self, n: int) -> None:
-        if n <= 0:
-            return
-        with self._drop_lock:
-            self.dropped += n
-        if self.on_drop is not None:
-            try:
-                self.on_drop(n)
-            except Exception:
-                if not self._on_drop_reported:
-                    self._on_drop_reported = True
-                    log.warning("aistats: log on_drop callback failed", exc_info=True)
+        self._drops(n)
+
+    @property
+    def dropped(self) -> int:
+        """Records lost for any reason (see ``on_drop``)."""
+        return self._drops.count

@@ -57,6 +57,8 @@ from typing import Any
 
 import orjson
 
+from .drops import Drops
+
 from ..record.record import Record, rfc3339_ms
 from .bus import Finished, Started
 from .captures import CAPTURE_PARTS, CaptureCache, build_capture, compress, mask_for
@@ -320,9 +322,8 @@ class Store:
         self.persist_captures = bool(persist_captures and self.path is not None)
         self.max_body = max_body
         self.max_queue_bytes = max_queue_bytes
-        self.on_drop = on_drop
         self._report = report if report is not None else log.warning
-        self.dropped = 0  # records lost for any reason (see on_drop)
+        self._drops = Drops(on_drop, "store")
         self.written = 0  # records committed
         self.captures_skipped = 0  # records queued without their bodies (max_queue_bytes)
         self._where_name = str(self.path) if self.path is not None else "(in memory)"
@@ -335,7 +336,6 @@ class Store:
         self._queued_bytes = 0
         self._max_seen = 0  # largest record id handed to finished()
         self._queue_full = 0
-        self._on_drop_reported = False
         self._capture_bug_reported = False
 
         # Writer state.
@@ -738,17 +738,12 @@ class Store:
             log.warning("%s", msg)
 
     def _drop(self, n: int) -> None:
-        if n <= 0:
-            return
-        with self._cond:
-            self.dropped += n
-        if self.on_drop is not None:
-            try:
-                self.on_drop(n)
-            except Exception:
-                if not self._on_drop_reported:
-                    self._on_drop_reported = True
-                    log.warning("aistats: store on_drop callback failed", exc_info=True)
+        self._drops(n)
+
+    @property
+    def dropped(self) -> int:
+        """Records lost for any reason (see ``on_drop``)."""
+        return self._drops.count
 
     # -- reads (any thread) -------------------------------------------------------------------
     def next_id(self) -> int:
