@@ -122,6 +122,7 @@ class AIStats:
         self._reported: set[str] = set()
         self.overhead = 0.0  # seconds spent in our hooks, in total
         self.records_written = 0
+        self._replay = _ReplayProgress(self)  # `mitmdump -nr`: progress on the terminal
         self._unpublished: list[Finished] = []  # built, not yet given to the outputs
 
     # -- options ---------------------------------------------------------------------------
@@ -346,6 +347,7 @@ class AIStats:
         if self._watcher is not None:
             self._watcher.cancel()
         self._publish()
+        self._replay.summary()
         if self.web is not None:
             self.web.stop()
             self.web = None
@@ -355,6 +357,8 @@ class AIStats:
 
     # -- hooks -----------------------------------------------------------------------------
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if not flow.live:
+            self._replay.flow_read()
         with self._guard(flow, "requestheaders"):
             cfg = self.settings
             req = flow.request
@@ -605,6 +609,36 @@ class AIStats:
         out = self.bus.get("metrics")
         if isinstance(out, MetricsOutput):
             out.dropped(output, n)
+
+
+class _ReplayProgress:
+    """Offline replay of a long flow file: flows read, records written and the rate on the
+    terminal at most once a second, and a summary at the end (INFO lines: quiet under -q)."""
+
+    __slots__ = ("_addon", "flows", "_t0", "_next")
+
+    def __init__(self, addon: AIStats) -> None:
+        self._addon = addon
+        self.flows = 0
+        self._t0 = self._next = 0.0
+
+    def flow_read(self) -> None:
+        now = time.monotonic()
+        if not self.flows:
+            self._t0, self._next = now, now + 1.0
+        self.flows += 1
+        if now >= self._next:
+            self._next = now + 1.0
+            log.info("aistats: replay: %s", self._line(now))
+
+    def summary(self) -> None:
+        if self.flows:
+            log.info("aistats: replay done: %s", self._line(time.monotonic()))
+
+    def _line(self, now: float) -> str:
+        took = max(now - self._t0, 1e-6)
+        return (f"{self.flows} flows read, {self._addon.records_written} records written in "
+                f"{took:.1f} s ({self.flows / took:.0f} flows/s)")
 
 
 class _Guard:

@@ -202,3 +202,28 @@ def test_disconnect_after_the_end_event_is_not_an_error(env):
     run_live(addon, chat_flow(), 200, SSE, chunks_of(OPENAI_CHAT), b"", error="Client disconnected.")
     rec = cap.records[0]
     assert (rec["error"], rec["error_type"], rec["output_tokens"]) == (None, None, 3)
+
+
+def test_long_replay_shows_progress_at_most_once_a_second(caplog, monkeypatch):
+    import logging
+
+    from flowkit import make_flow, run_replay, set_response
+    addon, ctx, cap = new_addon()
+    clock = [100.0]
+    monkeypatch.setattr(aistats.time, "monotonic", lambda: clock[0])
+    try:
+        with caplog.at_level(logging.INFO, logger="aistats"):
+            for i in range(10):
+                clock[0] += 0.3  # ten flows over three seconds
+                f = make_flow("POST", "/v1/chat/completions", {}, b'{"model":"m"}')
+                set_response(f, 200, {"content-type": "application/json"}, clock[0])
+                f.response.raw_content = b'{"choices":[]}'
+                f.response.timestamp_end = clock[0]
+                run_replay(addon, f)
+            addon.done()
+    finally:
+        ctx.__exit__(None, None, None)
+    progress = [m for m in caplog.messages if m.startswith("aistats: replay: ")]
+    done = [m for m in caplog.messages if m.startswith("aistats: replay done: ")]
+    assert len(progress) == 2  # at +1 s and +2 s, not per flow
+    assert done == ["aistats: replay done: 10 flows read, 10 records written in 2.7 s (4 flows/s)"]
