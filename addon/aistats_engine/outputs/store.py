@@ -69,6 +69,7 @@ SCHEMA_VERSION = 1
 DEFAULT_MAX_ROWS = 1000
 DEFAULT_QUEUE = 10_000
 DEFAULT_QUEUE_BYTES = 64 << 20
+COALESCE_S = 0.05  # a batch waits this long at most for more records
 BATCH = 64  # records per transaction at most (short stretches holding the GIL: streamed
 # chunks of other connections wait behind them)
 EXPORT_CHUNK = 500
@@ -570,9 +571,12 @@ class Store:
             except queue.Empty:
                 item = _WAKE
             batch = [] if item is _WAKE else [item]
-            while len(batch) < BATCH:
+            # Gather for a moment: one transaction (insert, prune, commit) per batch costs
+            # about what one record does, and requests one at a time would pay it each.
+            until = time.monotonic() + COALESCE_S
+            while len(batch) < BATCH and not self._stop.is_set():
                 try:
-                    item = self._q.get_nowait()
+                    item = self._q.get(timeout=max(0.0, until - time.monotonic()))
                 except queue.Empty:
                     break
                 if item is not _WAKE:
