@@ -17,11 +17,20 @@ it sends (warmup included), and after mitmdump has exited (the log is flushed at
 must hold exactly one record per request, else the benchmark fails. On by default unless the
 measured script is the floor itself (``--no-expect-records`` for an addon that logs no records).
 
+``--variant everything`` runs the aistats side with everything on: the Higress rules of
+scripts/bench-higress.yaml, the UI/API, the in-memory store with captures (32 MB), and one span
+per request to a loopback OTLP/HTTP collector the bench runs (requests and bytes it received
+are reported). ``--replay N`` adds an offline workload: N mixed flows (streams and JSON) are
+recorded once (mitmdump + aistats + ``-w``), then ``mitmdump -nr FILE`` is timed (wall clock,
+CPU from wait4) against ``mitmdump -nr FILE -s ADDON`` (whose log must hold N records),
+alternately, --repeats times; e.g. 5000 flows in a full run.
+
 CPU is utime+stime of the mitmdump process from /proc/<pid>/stat (10 ms ticks), as a delta over
 the workload. Every loop is bounded in count and time; every process is stopped by PID.
 
     .venv/bin/python scripts/bench.py [--addon addon/aistats.py] [--set k=v ...] [--repeats 3]
                                       [--quick] [--json out.json] [--no-expect-records]
+                                      [--variant default|everything] [--replay N]
 """
 
 from __future__ import annotations
@@ -37,16 +46,22 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from collections.abc import Awaitable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADDON = ROOT / "addon" / "aistats.py"
 FLOOR_ADDON = ROOT / "scripts" / "passthrough.py"
+HIGRESS_CONFIG = ROOT / "scripts" / "bench-higress.yaml"
+VARIANTS = ("default", "everything")
+REPLAY_EVENTS = 20  # content events per streamed flow of the replay workload
+REPLAY_CLIENTS = 4
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PHASE_TIMEOUT = 180.0  # seconds; a hung phase fails the run instead of the whole machine
 CONNECT_TIMEOUT = 10.0
@@ -598,7 +613,7 @@ def pinning() -> bool:
 
 
 def start_mitmdump(exe: str, addon: Path, sets: list[str], confdir: Path, workdir: Path,
-                   pin: bool) -> tuple[subprocess.Popen[bytes], int, Path]:
+                   pin: bool, extra: list[str] | None = None) -> tuple[subprocess.Popen[bytes], int, Path]:
     """Start mitmdump in its own work dir (so default output files land there) and pin it."""
     port = free_port()
     log = workdir / "mitmdump.log"
@@ -606,6 +621,7 @@ def start_mitmdump(exe: str, addon: Path, sets: list[str], confdir: Path, workdi
            "--set", f"confdir={confdir}", "-s", str(addon)]
     for kv in sets:
         cmd += ["--set", kv]
+    cmd += extra or []
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
@@ -740,6 +756,202 @@ def run_side(exe: str, addon: Path, sets: list[str], cfg: Config, confdir: Path,
     return out
 
 
+# ---------------------------------------------------------------- "everything" variant
+
+class Collector:
+    """Loopback OTLP/HTTP collector: 200 (empty ExportTraceServiceResponse) to POST /v1/traces,
+    counting requests and body bytes; 404 for anything else. Runs in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.bytes = 0
+        self.lock = threading.Lock()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                n = int(self.headers.get("content-length") or 0)
+                self.rfile.read(n)
+                ok = self.path.split("?", 1)[0] == "/v1/traces"
+                if ok:
+                    with owner.lock:
+                        owner.requests += 1
+                        owner.bytes += n
+                self.send_response(200 if ok else 404)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> Collector:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+    def counts(self) -> dict[str, int]:
+        with self.lock:
+            return {"requests": self.requests, "bytes": self.bytes}
+
+
+def variant_sets(variant: str, collector: Collector | None) -> list[str]:
+    """Options the variant adds to the aistats side (before the user's --set, which win):
+    "everything" is a typical Higress rule config, UI/API, in-memory store with captures, and
+    spans to the bench's loopback collector."""
+    if variant != "everything":
+        return []
+    assert collector is not None
+    return [f"aistats_config={HIGRESS_CONFIG.resolve()}", "aistats_ui=true",
+            "aistats_captures_mb=32", f"aistats_otlp_endpoint=http://127.0.0.1:{collector.port}"]
+
+
+# ---------------------------------------------------------------- offline replay workload
+
+async def mixed_requests(target: Target, count: int, events: int) -> int:
+    """`count` requests on one keep-alive connection, alternating an SSE stream of `events`
+    content events and a JSON request."""
+    client = await Client(target).open()
+    try:
+        for i in range(count):
+            if i % 2 == 0:
+                body = await client.start("sse", None, events)
+                await body.to_end()
+                if body.events != events + 3:
+                    raise BenchError(f"stream lost events: got {body.events}, want {events + 3}")
+            else:
+                body = await client.start("json")
+                await body.to_end()
+    finally:
+        client.close()
+    return count
+
+
+async def drive_mixed(proxy_port: int, n: int, sent: Counter[str]) -> None:
+    up = Upstream()
+    await up.start()
+    try:
+        target = Target(proxy_port, up.port, sent)
+        per = [n // REPLAY_CLIENTS + (1 if i < n % REPLAY_CLIENTS else 0) for i in range(REPLAY_CLIENTS)]
+        await asyncio.wait_for(asyncio.gather(
+            *(mixed_requests(target, c, REPLAY_EVENTS) for c in per if c)), PHASE_TIMEOUT)
+        await asyncio.sleep(0.3)  # mitmdump closes its upstream connections after the clients'
+    finally:
+        await up.stop()
+
+
+def record_flows(exe: str, addon: Path, confdir: Path, tmp: Path, n: int, pin: bool) -> tuple[Path, float]:
+    """Record a flow file of `n` mixed flows once: mitmdump with aistats and -w (records
+    checked: one per request sent). Returns the file and the seconds it took."""
+    workdir = tmp / "replay-record"
+    workdir.mkdir()
+    flows = tmp / "replay.flow"
+    t0 = time.monotonic()
+    sent: Counter[str] = Counter()
+    proc, port, log = start_mitmdump(exe, addon, record_sets([], 0), confdir, workdir, pin,
+                                     ["-w", str(flows)])
+    try:
+        asyncio.run(drive_mixed(port, n, sent))
+    finally:
+        killed = stop(proc)
+    check_records(sent, count_records(workdir), killed, proc.returncode)
+    if not flows.is_file() or flows.stat().st_size == 0:
+        raise BenchError(f"no flow file written: {log_tail(log)}")
+    return flows, time.monotonic() - t0
+
+
+def replay_once(exe: str, addon: Path | None, flows: Path, confdir: Path, workdir: Path,
+                pin: bool, n: int) -> dict[str, Any]:
+    """`mitmdump -nr FILE` (with `-s addon` when given) to its exit: wall clock and the CPU
+    (utime+stime, from wait4) of the process; with the addon, its log must hold n records."""
+    workdir.mkdir()
+    log = workdir / "mitmdump.log"
+    cmd = [exe, "-n", "-q", "-r", str(flows), "--set", f"confdir={confdir}"]
+    if addon is not None:
+        cmd += ["-s", str(addon)] + [x for kv in record_sets([], 0) for x in ("--set", kv)]
+    with open(log, "wb") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    try:
+        if pin:
+            os.sched_setaffinity(proc.pid, {1})
+        deadline = time.monotonic() + PHASE_TIMEOUT
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                wall = time.perf_counter() - t0
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"replay did not end within {PHASE_TIMEOUT}s: {log_tail(log)}")
+            time.sleep(0.002)
+    finally:
+        if proc.returncode is None:
+            stop(proc)
+    if proc.returncode != 0:
+        raise BenchError(f"replay mitmdump exit code {proc.returncode}: {log_tail(log)}")
+    out: dict[str, Any] = {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime,
+                           "log_problems": len(log_problems(log))}
+    if addon is not None:
+        got = count_records(workdir)
+        out["records"] = got
+        if got["records"] != n:
+            raise BenchError(f"replay records check failed: the aistats side logged {got['records']} "
+                             f"records for {n} flows replayed")
+    return out
+
+
+def run_replay(a: argparse.Namespace, pin: bool) -> dict[str, Any]:
+    """Record N flows once, then time plain `mitmdump -nr` against `mitmdump -nr -s aistats`,
+    alternating (order swapped every repeat)."""
+    n = a.replay
+    with tempfile.TemporaryDirectory(prefix="aistats-replay-") as td:
+        tmp = Path(td)
+        confdir = tmp / "confdir"
+        confdir.mkdir()
+        flows, rec_s = record_flows(a.mitmdump, a.addon.resolve(), confdir, tmp, n, pin)
+        size = flows.stat().st_size
+        runs: list[dict[str, Any]] = []
+        for r in range(a.repeats):
+            for side in ("floor", "aistats") if r % 2 == 0 else ("aistats", "floor"):
+                addon = a.addon.resolve() if side == "aistats" else None
+                res = replay_once(a.mitmdump, addon, flows, confdir, tmp / f"{side}{r}", pin, n)
+                print(f"replay {r + 1}/{a.repeats} {side:7} {res['wall_s']:.2f}s wall, "
+                      f"{res['cpu_s']:.2f}s CPU", file=sys.stderr)
+                runs.append({"side": side, "repeat": r, **res})
+    summary: dict[str, Any] = {}
+    for key in ("wall_s", "cpu_s"):
+        f = spread([x[key] for x in runs if x["side"] == "floor"])
+        s = spread([x[key] for x in runs if x["side"] == "aistats"])
+        summary[key] = {"floor": f, "aistats": s,
+                        "ratio": s["median"] / f["median"] if f["median"] else None}
+    return {"flows": n, "flow_file_bytes": size, "record_s": rec_s, "summary": summary, "runs": runs,
+            "records_checked": True}
+
+
+def replay_table(rep: dict[str, Any]) -> str:
+    lines = [f"replay of {rep['flows']} flows ({rep['flow_file_bytes'] / 1e6:.1f} MB), "
+             "mitmdump -nr FILE [-s aistats]:"]
+    for key, label in (("wall_s", "replay: wall clock s"), ("cpu_s", "replay: mitmdump CPU s")):
+        e = rep["summary"][key]
+        cell = lambda s: f"{s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"
+        ratio = "-" if e["ratio"] is None else f"{e['ratio']:.2f}"
+        lines.append(f"{label:38} {cell(e['floor']):>28} {cell(e['aistats']):>28} {ratio:>6}")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- summary
 
 # (phase, key, label, format)
@@ -822,6 +1034,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scrape-interval-ms", type=float, default=1000.0)
     p.add_argument("--mitmdump", default=default_mitmdump())
     p.add_argument("--json", type=Path, help="write all numbers here")
+    p.add_argument("--variant", choices=VARIANTS, default="default",
+                   help="aistats side's setup: default (as given), or everything (Higress rules in "
+                        "scripts/bench-higress.yaml, UI, store with captures, spans to a loopback "
+                        "OTLP collector the bench runs)")
+    p.add_argument("--replay", type=int, default=0, metavar="N",
+                   help="also record N mixed flows once and time `mitmdump -nr FILE` against "
+                        "`mitmdump -nr FILE -s ADDON` (e.g. 5000; 0: off)")
     p.add_argument("--expect-records", action=argparse.BooleanOptionalAction, default=None,
                    help="fail unless the measured side logs one aistats record per request sent "
                         "(default: on unless --addon is the floor script)")
@@ -830,6 +1049,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--repeats must be 1..20")
     if a.expect_records is None:
         a.expect_records = a.addon.resolve() != a.floor.resolve()
+    if a.replay < 0 or a.replay > 1_000_000:
+        p.error("--replay must be 0..1000000")
     if a.expect_records and any(kv.split("=", 1)[0] == "aistats_log" for kv in a.sets):
         p.error("--set aistats_log is chosen by bench to count records; drop it or pass --no-expect-records")
     return a
@@ -852,7 +1073,8 @@ def build_config(a: argparse.Namespace) -> Config:
     return cfg
 
 
-def run_all(a: argparse.Namespace, cfg: Config, pin: bool) -> list[dict[str, Any]]:
+def run_all(a: argparse.Namespace, cfg: Config, pin: bool,
+            collector: Collector | None = None) -> list[dict[str, Any]]:
     """Alternate sides, swapping the order every repeat (F A, A F, F A, ...), so slow drift of
     the VM does not favour one side; redo a run that other processes disturbed (bounded)."""
     runs: list[dict[str, Any]] = []
@@ -863,13 +1085,18 @@ def run_all(a: argparse.Namespace, cfg: Config, pin: bool) -> list[dict[str, Any
         confdir.mkdir()
         for r in range(a.repeats):
             for side in ("floor", "aistats") if r % 2 == 0 else ("aistats", "floor"):
-                addon, sets = (a.floor, []) if side == "floor" else (a.addon, a.sets)
+                addon, sets = (a.floor, []) if side == "floor" else \
+                    (a.addon, variant_sets(a.variant, collector) + a.sets)
                 attempts = []
                 for k in range(1 + cfg.retries):
                     t0 = time.monotonic()
+                    spans0 = collector.counts() if collector else None
                     max_wait = cfg.max_wait_quiet if t0 - started < cfg.budget_s else 0.0
                     res = run_side(a.mitmdump, addon.resolve(), sets, cfg, confdir, pin, tmp,
                                    f"{side}{r}.{k}", max_wait, a.expect_records and side == "aistats")
+                    if collector and side == "aistats":
+                        assert spans0 is not None
+                        res["otlp"] = {k: v - spans0[k] for k, v in collector.counts().items()}
                     attempts.append(res)
                     foreign = res["metrics"]["env"]["foreign_cores"]
                     print(f"repeat {r + 1}/{a.repeats} {side:7} done in {time.monotonic() - t0:.1f}s"
@@ -892,25 +1119,42 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     pin = pinning()
     started = time.monotonic()
+    collector = Collector().start() if a.variant == "everything" else None
+    replay = None
     try:
-        runs = run_all(a, cfg, pin)
+        runs = run_all(a, cfg, pin, collector)
+        if a.replay:
+            replay = run_replay(a, pin)
     except BenchError as e:
         print(f"benchmark failed: {e}", file=sys.stderr)
         return 1
+    finally:
+        if collector:
+            collector.stop()
     summary = summarize(runs)
-    meta = {"addon": str(a.addon), "floor": str(a.floor), "sets": a.sets, "repeats": a.repeats,
+    meta = {"addon": str(a.addon), "floor": str(a.floor), "sets": a.sets, "variant": a.variant,
+            "variant_sets": variant_sets(a.variant, collector), "repeats": a.repeats,
             "quick": a.quick, "pinned": pin, "expect_records": a.expect_records,
             "wall_s": time.monotonic() - started, "python": sys.version.split()[0]}
-    print(f"\naistats = {a.addon} {' '.join(a.sets)}; floor = {a.floor}; "
+    print(f"\nvariant {a.variant}: aistats = {a.addon} {' '.join(a.sets)}; floor = {a.floor}; "
           f"{a.repeats} repeats, pinned={pin}, {meta['wall_s']:.0f}s")
     print(table(summary))
     if a.expect_records:
         measured = [r for r in runs if r["side"] == "aistats"]
         print(f"records logged by the aistats side: {sum(r['records']['records'] for r in measured)} "
               f"for {sum(r['requests_sent'] for r in measured)} requests sent (checked per run)")
+    otlp = collector.counts() if collector else None
+    if otlp is not None:
+        print(f"OTLP collector: {otlp['requests']} span exports, {otlp['bytes']} bytes")
+    if replay is not None:
+        print(replay_table(replay))
     if a.json:
-        a.json.write_text(json.dumps({"meta": meta, "config": asdict(cfg), "summary": summary,
-                                      "runs": runs}, indent=2))
+        report: dict[str, Any] = {"meta": meta, "config": asdict(cfg), "summary": summary, "runs": runs}
+        if otlp is not None:
+            report["otlp"] = otlp
+        if replay is not None:
+            report["replay"] = replay
+        a.json.write_text(json.dumps(report, indent=2))
     return 0
 
 

@@ -136,3 +136,60 @@ def test_expect_records_defaults(bench: ModuleType) -> None:
     assert bench.parse_args(["--no-expect-records"]).expect_records is False
     with pytest.raises(SystemExit):
         bench.parse_args(["--set", "aistats_log=x.jsonl"])  # bench chooses the log it counts
+
+
+REPLAY_FLOWS = 50
+
+
+@pytest.fixture(scope="module")
+def everything_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One quick run of the "everything on" variant (Higress rules, UI, store with captures,
+    spans to the bench's loopback collector) with a small offline replay workload."""
+    out = tmp_path_factory.mktemp("bench-everything") / "bench.json"
+    proc = run_bench("--variant", "everything", "--replay", str(REPLAY_FLOWS), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "variant everything:" in proc.stdout  # the table's header line names it
+    assert "replay: wall clock s" in proc.stdout and "OTLP collector:" in proc.stdout
+    return json.loads(out.read_text())
+
+
+@pytest.mark.timeout(100)
+def test_everything_variant_checks_records_and_exports_spans(everything_report: dict) -> None:
+    meta = everything_report["meta"]
+    assert meta["variant"] == "everything"
+    sets = dict(kv.split("=", 1) for kv in meta["variant_sets"])
+    assert Path(sets["aistats_config"]).resolve() == ROOT / "scripts" / "bench-higress.yaml"
+    assert sets["aistats_otlp_endpoint"].startswith("http://127.0.0.1:")
+    floor, measured = everything_report["runs"]
+    assert (floor["side"], measured["side"]) == ("floor", "aistats")
+    assert measured["log_problems"] == 0
+    assert measured["records"]["records"] == measured["requests_sent"] > 0  # records check passed
+    assert measured["otlp"]["requests"] >= 1 and measured["otlp"]["bytes"] > 0
+    assert everything_report["otlp"]["requests"] >= 1
+    assert everything_report["summary"]["paced.cpu_us_per_event"]["ratio"] > 0
+
+
+@pytest.mark.timeout(100)
+def test_replay_times_plain_mitmdump_against_aistats(everything_report: dict) -> None:
+    rep = everything_report["replay"]
+    assert rep["flows"] == REPLAY_FLOWS and rep["flow_file_bytes"] > 0 and rep["records_checked"]
+    assert [r["side"] for r in rep["runs"]] == ["floor", "aistats"]
+    floor, measured = rep["runs"]
+    assert "records" not in floor
+    assert measured["records"]["records"] == REPLAY_FLOWS
+    assert measured["records"]["sse"] > 0 and measured["records"]["json"] > 0
+    for key in ("wall_s", "cpu_s"):
+        entry = rep["summary"][key]
+        for side in ("floor", "aistats"):
+            assert entry[side]["median"] > 0 and len(entry[side]["values"]) == 1
+        assert entry["ratio"] > 0
+
+
+def test_variant_and_replay_defaults(bench: ModuleType) -> None:
+    a = bench.parse_args([])
+    assert a.variant == "default" and a.replay == 0
+    assert bench.variant_sets("default", None) == []
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variant", "nothing"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--replay", "-1"])
