@@ -90,10 +90,15 @@ class _FlowState:
     this file without registering it in sys.modules, which dataclasses need.)"""
 
     __slots__ = ("match", "started", "request_info", "framer", "observer", "failed", "rules",
-                 "response_seen")
+                 "response_seen", "req_headers", "resp_headers")
 
-    def __init__(self, match: Match, started: Started, rules: FlowRules | None) -> None:
+    def __init__(self, match: Match, started: Started, rules: FlowRules | None,
+                 req_headers: dict[str, str]) -> None:
         self.match = match
+        # Header text by lower-cased name, first value, made once: mitmproxy's Headers.get
+        # costs microseconds a call, and a record needs a dozen lookups.
+        self.req_headers = req_headers
+        self.resp_headers: dict[str, str] = {}
         self.started = started  # what in-flight views show
         self.request_info: RequestInfo | None = None
         self.framer: type[framing.Framer] | None = None  # the response is a stream of this
@@ -369,13 +374,14 @@ class AIStats:
                 match = match_configured(req.method, req.path, rules.path_suffixes)
             if match is None or cfg is None:
                 return
+            headers = dict(first_values(req.headers.fields))
             started = Started(flow.id, req.method, req.host, req.port, req.path.split("?", 1)[0],
                               req.timestamp_start, match.api, match.model_from_path,
-                              client_name(req.headers.get("user-agent")),
-                              self._attribution.session_of(req.headers))
+                              client_name(headers.get("user-agent")),
+                              self._attribution.session_of(headers))
             self._flows[flow.id] = _FlowState(
                 match, started,
-                FlowRules(rules, match.api, cfg.max_attribute_bytes) if rules else None)
+                FlowRules(rules, match.api, cfg.max_attribute_bytes) if rules else None, headers)
             while len(self._flows) > cfg.max_inflight:
                 dropped, _ = self._flows.popitem(last=False)
                 log.warning("aistats: more than %d LLM requests in flight; no record for flow %s",
@@ -406,7 +412,8 @@ class AIStats:
         """Stream or not (once per flow), and the rules' response-header moment; a content type
         the rules do not enable leaves the response unread, as Higress does."""
         st.response_seen = True
-        ctype = resp.headers.get("content-type")
+        st.resp_headers = headers = dict(first_values(resp.headers.fields))
+        ctype = headers.get("content-type")
         st.framer = framing.framer_for(ctype)
         rules = st.rules
         if rules is not None:
@@ -414,14 +421,14 @@ class AIStats:
             if types and not any(t in (ctype or "").lower() for t in types):
                 rules.response_skipped = True
             else:
-                rules.response_headers(dict(first_values(resp.headers.fields)))
+                rules.response_headers(headers)
 
     def _stream_observer(self, st: _FlowState, flow: http.HTTPFlow) -> StreamObserver:
         resp = flow.response
         cfg = self.settings
         assert resp is not None and cfg is not None and st.framer is not None
         observer = StreamObserver(st.match.fmt, st.framer(max_event=cfg.max_event),
-                                  resp.headers.get("content-encoding"),
+                                  st.resp_headers.get("content-encoding"),
                                   flow.request.timestamp_start, max_body=cfg.max_body,
                                   max_chunk_times=cfg.max_chunk_times)
         if st.rules is not None and st.rules.wants_events:
@@ -479,12 +486,12 @@ class AIStats:
         rules = st.rules
         body: list[Any] = []
         st.request_info = read_request(
-            req.raw_content, req.headers.get("content-encoding"),
+            req.raw_content, st.req_headers.get("content-encoding"),
             cfg.max_body if cfg is not None else settings.DEFAULT_MAX_BODY,
             body.append if rules is not None else None,
-            content_type=req.headers.get("content-type"), fmt=st.match)
+            content_type=st.req_headers.get("content-type"), fmt=st.match)
         if rules is not None:
-            rules.request(dict(first_values(req.headers.fields)), body[0] if body else None)
+            rules.request(st.req_headers, body[0] if body else None)
 
     def _finish(self, flow: http.HTTPFlow) -> None:
         st = self._flows.pop(flow.id, None)
@@ -504,8 +511,8 @@ class AIStats:
                 parsed.usage, parsed.usage_source = Usage(), "missing"
         except Exception as e:  # a reader failure still gives a record, marked
             self._failed(flow.id, st, "finish", e)
-        rec_args = (_request_meta(flow), st.match, st.request_info,
-                    _response_meta(resp) if resp is not None else None)
+        rec_args = (_request_meta(flow, st.req_headers), st.match, st.request_info,
+                    _response_meta(resp, st.resp_headers) if resp is not None else None)
         failure = Failure(flow.error.msg, flow.error.timestamp) if flow.error else None
         stream = st.framer is not None
         try:
@@ -520,9 +527,9 @@ class AIStats:
         self._emit(Finished(
             rec, req.timestamp_start, t_end if t_end is not None else rec_args[0].t_start,
             req.headers.fields, resp.headers.fields if resp is not None else (),
-            req.path.partition("?")[2], req.raw_content, req.headers.get("content-encoding"),
+            req.path.partition("?")[2], req.raw_content, st.req_headers.get("content-encoding"),
             resp.raw_content if resp is not None else None,
-            resp.headers.get("content-encoding") if resp is not None else None))
+            st.resp_headers.get("content-encoding")))
 
     def _read_response(self, st: _FlowState, flow: http.HTTPFlow
                        ) -> tuple[StreamTiming | None, Parsed | None]:
@@ -558,7 +565,7 @@ class AIStats:
             obs = self._stream_observer(st, flow)
             obs.feed_all(resp.raw_content or b"")
             return obs.finish(complete=flow.error is None)
-        return parse_body(st.match.fmt, resp.raw_content, resp.headers.get("content-encoding"),
+        return parse_body(st.match.fmt, resp.raw_content, st.resp_headers.get("content-encoding"),
                           max_body=self.settings.max_body,
                           tap=st.rules.body if st.rules is not None else None)
 
@@ -664,20 +671,19 @@ def _call_now(fn: Callable[[], None]) -> None:
     fn()
 
 
-def _request_meta(flow: http.HTTPFlow) -> RequestMeta:
+def _request_meta(flow: http.HTTPFlow, headers: dict[str, str]) -> RequestMeta:
     req = flow.request
     path, _, query = req.path.partition("?")
-    headers = first_values(req.headers.fields)
     every = [(k.decode("latin-1"), v.decode("utf-8", "replace")) for k, v in req.headers.fields]
     return RequestMeta(
         flow_id=flow.id, method=req.method, scheme=req.scheme, host=req.host, port=req.port,
-        path=path, t_start=req.timestamp_start, headers=dict(headers),
+        path=path, t_start=req.timestamp_start, headers=headers,
         secrets=redact.secrets_of(every, query))
 
 
-def _response_meta(resp: http.Response) -> ResponseMeta:
-    return ResponseMeta(resp.status_code, resp.headers.get("content-type"),
-                        resp.timestamp_start, resp.timestamp_end, resp.headers.get("server"))
+def _response_meta(resp: http.Response, headers: dict[str, str]) -> ResponseMeta:
+    return ResponseMeta(resp.status_code, headers.get("content-type"), resp.timestamp_start,
+                        resp.timestamp_end, headers.get("server"))
 
 
 addons = [AIStats()]
