@@ -294,6 +294,22 @@ def sturges_bins(n: int) -> int:
     return max(5, min(20, k))
 
 
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back (quietly, the connection may be gone) on
+    any exception, which goes on to the caller."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        raise
+
+
 class Store:
     """Records in SQLite; see the module doc for where, bounds and failures."""
 
@@ -426,8 +442,7 @@ class Store:
 
     def _startup(self, conn: sqlite3.Connection) -> None:
         """Prune by age; load persisted captures (or forget them when persistence is off)."""
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(conn):
             if self.max_age_s is not None:
                 conn.execute("DELETE FROM records WHERE end_epoch < ?",
                              (time.time() - self.max_age_s,))
@@ -436,10 +451,6 @@ class Store:
                 conn.execute("DELETE FROM captures")
             elif self.persist_captures:
                 self._load_captures(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def _load_captures(self, conn: sqlite3.Connection) -> None:
         cache = self.captures
@@ -637,8 +648,7 @@ class Store:
         try:
             with self._wlock:
                 conn = self._writer()
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with _transaction(conn):
                     conn.executemany(_INSERT, rows)
                     top = max(r[0] for r in rows)
                     conn.execute("INSERT INTO meta (key, value) VALUES ('max_id', ?) ON CONFLICT"
@@ -652,13 +662,6 @@ class Store:
                             if self.persist_captures:
                                 self._mirror(conn, cid, blob if stored else None, removed)
                     self._prune(conn, time.time())
-                    conn.execute("COMMIT")
-                except BaseException:
-                    try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                    raise
             self._max_id = max(self._max_id, top)
         except (sqlite3.Error, OSError) as e:
             if cache is not None and put:
@@ -713,16 +716,8 @@ class Store:
         try:
             with self._wlock:
                 conn = self._writer()
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with _transaction(conn):
                     self._prune(conn, time.time())
-                    conn.execute("COMMIT")
-                except BaseException:
-                    try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                    raise
         except (sqlite3.Error, OSError) as e:
             self._broken = True
             self._next_age_prune = time.monotonic() + AGE_PRUNE_INTERVAL
