@@ -388,18 +388,15 @@ class AIStats:
                             cfg.max_inflight, dropped)
             self.bus.started(started)
 
-    def request(self, flow: http.HTTPFlow) -> None:
-        with self._guard(flow, "request"):
-            st = self._flows.get(flow.id)
-            if st is not None:
-                self._read_request(st, flow)
-
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         with self._guard(flow, "responseheaders"):
             st = self._flows.get(flow.id)
             resp = flow.response
             if st is None or resp is None:
                 return
+            # The request is complete by now: read it here rather than in a ``request`` hook
+            # of its own (every hook an addon has is dispatched for every flow, LLM or not).
+            self._read_request(st, flow)
             self._response_headers(st, resp)
             if (st.framer is None or not flow.live or callable(resp.stream)
                     or (st.rules is not None and st.rules.response_skipped)):

@@ -69,7 +69,6 @@ async def _live(addon: aistats.AIStats, f: http.HTTPFlow, status: int, headers: 
     f.live = True
     t = f.request.timestamp_start
     addon.requestheaders(f)
-    addon.request(f)
     set_response(f, status, headers, t + 0.05)
     addon.responseheaders(f)
     clock = [t + 0.05]
@@ -111,7 +110,6 @@ def run_replay(addon: aistats.AIStats, f: http.HTTPFlow) -> None:
     """The offline hook sequence of ``mitmdump -nr`` (eventsequence order)."""
     f.live = False
     addon.requestheaders(f)
-    addon.request(f)
     if f.response is not None:
         addon.responseheaders(f)
         addon.response(f)

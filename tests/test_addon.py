@@ -126,7 +126,6 @@ def test_client_disconnect_and_unreachable(env):
     f = chat_flow()
     f.live = True
     addon.requestheaders(f)
-    addon.request(f)
     from mitmproxy.flow import Error
     f.error = Error("Server connection to ('127.0.0.1', 1) failed: Connection refused")
     addon.error(f)
