@@ -128,7 +128,8 @@ class AIStats:
         self.overhead = 0.0  # seconds spent in our hooks, in total
         self.records_written = 0
         self._replay = _ReplayProgress(self)  # `mitmdump -nr`: progress on the terminal
-        self._unpublished: list[Finished] = []  # built, not yet given to the outputs
+        self._unbuilt: list[Callable[[], Finished]] = []  # read, record not made yet
+        self._unpublished: list[Finished] = []  # made, not yet given to the outputs
 
     # -- options ---------------------------------------------------------------------------
     def load(self, loader: Any) -> None:
@@ -351,6 +352,7 @@ class AIStats:
     def done(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
+        self._build_pending()
         self._publish()
         self._replay.summary()
         if self.web is not None:
@@ -511,22 +513,28 @@ class AIStats:
         rec_args = (_request_meta(flow, st.req_headers), st.match, st.request_info,
                     _response_meta(resp, st.resp_headers) if resp is not None else None)
         failure = Failure(flow.error.msg, flow.error.timestamp) if flow.error else None
-        stream = st.framer is not None
-        try:
-            rec = build_record(next(self._ids), *rec_args, parsed, stream, timing, failure,
-                               self._attribution, tuple(st.failed), st.rules)
-        except Exception as e:
-            self._failed(flow.id, st, "record", e)
-            rec = build_record(next(self._ids), *rec_args, None, stream, None, failure,
-                               self._attribution, tuple(st.failed))
-        t_end = exchange_end(rec_args[0], rec_args[3], timing, failure)
         req = flow.request
-        self._emit(Finished(
-            rec, req.timestamp_start, t_end if t_end is not None else rec_args[0].t_start,
-            req.headers.fields, resp.headers.fields if resp is not None else (),
-            req.path.partition("?")[2], req.raw_content, st.req_headers.get("content-encoding"),
-            resp.raw_content if resp is not None else None,
-            st.resp_headers.get("content-encoding")))
+        raw = (req.headers.fields, resp.headers.fields if resp is not None else (),
+               req.path.partition("?")[2], req.raw_content, st.req_headers.get("content-encoding"),
+               resp.raw_content if resp is not None else None,
+               st.resp_headers.get("content-encoding"))
+
+        def build() -> Finished:
+            """The record, made on a later loop turn than the reading (a stretch of its own:
+            other connections' chunks wait for each stretch, not for their sum)."""
+            stream = st.framer is not None
+            try:
+                rec = build_record(next(self._ids), *rec_args, parsed, stream, timing, failure,
+                                   self._attribution, tuple(st.failed), st.rules)
+            except Exception as e:
+                self._failed(flow.id, st, "record", e)
+                rec = build_record(next(self._ids), *rec_args, None, stream, None, failure,
+                                   self._attribution, tuple(st.failed))
+            t_end = exchange_end(rec_args[0], rec_args[3], timing, failure)
+            return Finished(rec, req.timestamp_start,
+                            t_end if t_end is not None else rec_args[0].t_start, *raw)
+
+        self._emit(build)
 
     def _read_response(self, st: _FlowState, flow: http.HTTPFlow
                        ) -> tuple[StreamTiming | None, Parsed | None]:
@@ -566,17 +574,23 @@ class AIStats:
                           max_body=self.settings.max_body,
                           tap=st.rules.body if st.rules is not None else None)
 
-    def _emit(self, event: Finished) -> None:
-        """Hand the record to the outputs, on the next loop turn when there is a loop: the
-        end of a stream is then two short stretches of work instead of one long one, which
-        is what other connections' chunks wait for."""
+    def _emit(self, build: Callable[[], Finished]) -> None:
+        """Make the record and hand it to the outputs on later loop turns when there is a
+        loop: the end of a stream is then three short stretches of work (read, record,
+        outputs) instead of one long one, which is what other connections' chunks wait for."""
         self.records_written += 1
-        self._unpublished.append(event)
-        if len(self._unpublished) == 1:
-            try:
-                asyncio.get_running_loop().call_soon(self._publish)
-            except RuntimeError:  # driven without a loop (unit tests): publish at once
-                self._publish()
+        self._unbuilt.append(build)
+        if len(self._unbuilt) == 1:
+            _soon(self._build_pending)
+
+    def _build_pending(self) -> None:
+        t0 = time.perf_counter()
+        builds, self._unbuilt = self._unbuilt, []
+        events = [build() for build in builds]
+        self._unpublished.extend(events)
+        if events and len(self._unpublished) == len(events):
+            _soon(self._publish)
+        self.overhead += time.perf_counter() - t0
 
     def _publish(self) -> None:
         t0 = time.perf_counter()
@@ -666,6 +680,14 @@ class _Guard:
 
 def _call_now(fn: Callable[[], None]) -> None:
     fn()
+
+
+def _soon(fn: Callable[[], None]) -> None:
+    """On the next loop turn; at once when driven without a loop (unit tests)."""
+    try:
+        asyncio.get_running_loop().call_soon(fn)
+    except RuntimeError:
+        fn()
 
 
 def _request_meta(flow: http.HTTPFlow, headers: dict[str, str]) -> RequestMeta:

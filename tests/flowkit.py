@@ -94,7 +94,8 @@ async def _live(addon: aistats.AIStats, f: http.HTTPFlow, status: int, headers: 
     else:
         f.response.timestamp_end = clock[0] + 0.001
         addon.response(f)
-    await asyncio.sleep(0)  # the record is published on the next loop turn
+    for _ in range(3):  # the record is made, then published, on later loop turns
+        await asyncio.sleep(0)
     f.live = False
 
 
