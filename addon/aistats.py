@@ -399,6 +399,9 @@ class AIStats:
             # The request is complete by now: read it here rather than in a ``request`` hook
             # of its own (every hook an addon has is dispatched for every flow, LLM or not).
             self._read_request(st, flow)
+            # Keep only the header text the record still reads: a stream can stay open long.
+            keep = self._attribution.header_names
+            st.req_headers = {k: v for k, v in st.req_headers.items() if k in keep}
             self._response_headers(st, resp)
             if (st.framer is None or not flow.live or callable(resp.stream)
                     or (st.rules is not None and st.rules.response_skipped)):

@@ -70,6 +70,12 @@ class Attribution:
     user_hosts: tuple[ProviderHost, ...] = ()
     responses: ResponsesCounted = field(default_factory=lambda: ResponsesCounted())
 
+    @property
+    def header_names(self) -> frozenset[str]:
+        """The request headers a record reads (besides the body's encoding)."""
+        return frozenset((*self.session_headers, self.consumer_header, "user-agent",
+                          "content-encoding"))
+
     def session_of(self, headers: Mapping[str, str]) -> str | None:
         """The first configured session header present (``headers``: case-insensitive)."""
         for h in self.session_headers:
