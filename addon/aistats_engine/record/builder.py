@@ -69,12 +69,12 @@ class Attribution:
     upstreams: UpstreamProviders = field(default_factory=UpstreamProviders)
     user_hosts: tuple[ProviderHost, ...] = ()
     responses: ResponsesCounted = field(default_factory=lambda: ResponsesCounted())
+    # The request headers a record reads (and the body's encoding): made once, kept per flow.
+    header_names: frozenset[str] = field(init=False)
 
-    @property
-    def header_names(self) -> frozenset[str]:
-        """The request headers a record reads (besides the body's encoding)."""
-        return frozenset((*self.session_headers, self.consumer_header, "user-agent",
-                          "content-encoding"))
+    def __post_init__(self) -> None:
+        self.header_names = frozenset((*self.session_headers, self.consumer_header,
+                                       "user-agent", "content-encoding"))
 
     def session_of(self, headers: Mapping[str, str]) -> str | None:
         """The first configured session header present (``headers``: case-insensitive)."""
