@@ -12,7 +12,8 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import accumulate
+from functools import partial
+from itertools import accumulate, compress, islice
 from typing import Any
 
 import orjson
@@ -268,27 +269,39 @@ class StreamObserver:
             text = b"".join(parts)
         framer = self._framer
         events = None
-        if isinstance(framer, (SSEFramer, NDJSONFramer)):
+        data_events = framer.feed_data(text) if framer.__class__ is SSEFramer else None
+        if data_events is not None:
+            datas, positions = data_events
+            self._time_content(self.reader.on_data(datas), positions, times, ends)
+        elif isinstance(framer, (SSEFramer, NDJSONFramer)):
             events = framer.feed_positions(text)
-        if events is None:
+            if events is not None:
+                on_event = self.reader.on_event
+                self._time_content([on_event(name, data) for name, data, _ in events],
+                                   [pos for _, _, pos in events], times, ends)
+        if data_events is None and events is None:
             if parts is None:
                 parts = [body[start:end] for start, end in zip(starts, ends)]
             for part, now in zip(parts, times):
                 self._frame(part, now)
-        else:
-            on_event = self.reader.on_event
-            last = len(ends) - 1
-            kept = self._times
-            room = self._max_times - len(kept)
-            found = 0
-            for name, data, pos in events:
-                if on_event(name, data):
-                    found += 1
-                    if found <= room:
-                        kept.append(times[min(bisect_right(ends, pos), last)])
-            self._content_events += found
         if decode_failed:
             self._framer = None  # nothing after the failure can be read
+
+    def _time_content(self, verdicts: list[bool], positions: list[int], times: list[float],
+                      ends: list[int]) -> None:
+        """Count the content events of a batch and time each by the chunk holding the byte
+        that completed it (``ends``: where each chunk ends, ``times``: when it came)."""
+        found = verdicts.count(True)
+        if not found:
+            return
+        self._content_events += found
+        room = self._max_times - len(self._times)
+        if room > 0:
+            last = ends[-1] - 1  # an event completes inside the batch; clamp all the same
+            at = compress(positions if positions[-1] <= last else
+                          [min(p, last) for p in positions], verdicts)
+            self._times.extend(islice(map(times.__getitem__, map(partial(bisect_right, ends), at)),
+                                      room))
 
     def _decode(self, chunk: bytes) -> bytes | None:
         """Decoded bytes, or None after a failure (recorded; reading stops there)."""
@@ -330,7 +343,8 @@ class StreamObserver:
             first_byte_ms=round((self._first - t0) * 1000, 3) if self._first is not None else None,
             last_byte_ms=round((self._last - t0) * 1000, 3) if self._last is not None else None,
             content_events=self._content_events,
-            content_offsets_ms=[round((t - t0) * 1000, 3) for t in self._times],
+            # As measured: rounding each (round() with digits) cost more than reading the event.
+            content_offsets_ms=[(t - t0) * 1000 for t in self._times],
         )
 
     @property

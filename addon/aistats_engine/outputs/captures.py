@@ -28,8 +28,9 @@ A capture is one JSON object per record id (``build_capture``)::
   that cannot be decoded, or one the proxy did not keep (a stream over ``aistats_max_body``)
   gives no capture (None).
 
-``CaptureCache`` keeps captures zstd-compressed (orjson inside), bounded by total compressed
-bytes, evicting the oldest inserted first; see its docstring.
+``CaptureCache`` keeps captures zstd-compressed (``compress``: a JSON head and the raw text
+bodies), bounded by total compressed bytes, evicting the oldest inserted first; see its
+docstring.
 """
 
 from __future__ import annotations
@@ -85,13 +86,17 @@ def mask_for(path: str, default_parts: Iterable[str]) -> frozenset[str]:
     return parts
 
 
-def _text_or_b64(body: bytes, red: redact.Redactor, secrets: tuple[bytes, ...]
-                 ) -> tuple[str | None, str | None]:
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        return None, base64.b64encode(_scrub(body, secrets)).decode("ascii")
-    return red.exact(text), None
+def _text_or_b64(body: bytes, secrets: tuple[bytes, ...]) -> tuple[bytes | None, str | None]:
+    """(UTF-8 text, None) or (None, base64), the request's secrets replaced. The text stays
+    bytes until it is read back: replacing a secret's UTF-8 bytes in valid UTF-8 is replacing
+    the secret in the text, and a blob holding the bytes raw needs no JSON escaping."""
+    body = _scrub(body, secrets)
+    if not body.isascii():
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, base64.b64encode(body).decode("ascii")
+    return body, None
 
 
 def _header_map(pairs: list[tuple[str, str]], red: redact.Redactor,
@@ -104,8 +109,24 @@ def _all_pairs(fields) -> list[tuple[str, str]]:
 
 
 def build_capture(event: Finished, parts: frozenset[str], max_body: int) -> dict[str, Any] | None:
-    """The capture of one finished request, or None when there is none to keep (module doc).
+    """The capture of one finished request, or None when there is none to keep (module doc)."""
+    cap = _capture(event, parts, max_body)
+    if cap is not None:
+        for key in _TEXT_BODIES:
+            if cap[key] is not None:
+                cap[key] = cap[key].decode("utf-8")
+    return cap
+
+
+def capture_blob(event: Finished, parts: frozenset[str], max_body: int) -> bytes | None:
+    """``compress(build_capture(...))``, without turning the bodies into text and back.
     CPU work proportional to the bodies: call it off the event loop."""
+    cap = _capture(event, parts, max_body)
+    return None if cap is None else compress(cap)
+
+
+def _capture(event: Finished, parts: frozenset[str], max_body: int) -> dict[str, Any] | None:
+    """``build_capture`` with the text bodies still UTF-8 bytes."""
     rec = event.record
     status = rec.status
     ok = status is not None and 200 <= status < 300 and rec.error_type not in FAILURE_TYPES
@@ -158,7 +179,7 @@ def build_capture(event: Finished, parts: frozenset[str], max_body: int) -> dict
             out["omitted"].append("req_body: does not match its Content-Encoding; kept as sent")
             body = None
         if body is not None:
-            out["req_body"], out["req_body_base64"] = _text_or_b64(body, red, secret_bytes)
+            out["req_body"], out["req_body_base64"] = _text_or_b64(body, secret_bytes)
     if "req_headers" in parts:
         drop = frozenset({"content-encoding"}) if req_decoded else frozenset()
         out["req_headers"] = _header_map(event.request_headers(lower=False), red, drop)
@@ -166,7 +187,7 @@ def build_capture(event: Finished, parts: frozenset[str], max_body: int) -> dict
         out["resp_headers"] = _header_map(event.response_headers(lower=False), red,
                                           frozenset({"content-encoding"}))
     if resp_body is not None:
-        out["resp_body"], out["resp_body_base64"] = _text_or_b64(resp_body, red, secret_bytes)
+        out["resp_body"], out["resp_body_base64"] = _text_or_b64(resp_body, secret_bytes)
     return out
 
 
@@ -194,13 +215,45 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+_TEXT_BODIES = ("req_body", "resp_body")
+_BLOB_MAGIC = b"aistats-capture-2\n"  # then the JSON head's length (4 bytes), head, text bodies
+
+
 def compress(capture: dict[str, Any]) -> bytes:
-    """A capture as stored: orjson, zstd-compressed (thread-safe; one compressor per thread)."""
-    return _compressor().compress(orjson.dumps(capture))
+    """A capture as stored, zstd-compressed (thread-safe; one compressor per thread): a JSON
+    head, then the text bodies as raw UTF-8 (their lengths in the head's ``_raw``), which
+    spares escaping and validating them again."""
+    head = dict(capture)
+    raw: dict[str, int] = {}
+    bodies = []
+    for key in _TEXT_BODIES:
+        body = head.get(key)
+        if body is not None:
+            body = body.encode("utf-8") if isinstance(body, str) else body
+            head[key] = None
+            raw[key] = len(body)
+            bodies.append(body)
+    head["_raw"] = raw
+    text = orjson.dumps(head)
+    return _compressor().compress(b"".join((_BLOB_MAGIC, len(text).to_bytes(4, "big"), text,
+                                            *bodies)))
 
 
 def decompress(blob: bytes) -> dict[str, Any]:
-    return orjson.loads(_decompressor().decompress(blob))
+    """The capture dict (text bodies as str); blobs kept by earlier versions (plain orjson)
+    read as they were written."""
+    data = _decompressor().decompress(blob)
+    if not data.startswith(_BLOB_MAGIC):
+        return orjson.loads(data)
+    at = len(_BLOB_MAGIC)
+    size = int.from_bytes(data[at:at + 4], "big")
+    at += 4
+    cap = orjson.loads(data[at:at + size])
+    at += size
+    for key, n in cap.pop("_raw").items():
+        cap[key] = data[at:at + n].decode("utf-8")
+        at += n
+    return cap
 
 
 class CaptureCache:

@@ -61,7 +61,7 @@ from .drops import Drops
 
 from ..record.record import Record, rfc3339_ms
 from .bus import Finished, Started
-from .captures import CAPTURE_PARTS, CaptureCache, build_capture, compress, mask_for
+from .captures import CAPTURE_PARTS, CaptureCache, capture_blob, mask_for
 
 log = logging.getLogger(__name__)
 
@@ -612,10 +612,10 @@ class Store:
             if event is None:
                 continue
             try:
-                cap = build_capture(event, mask_for(rec.path, self.capture_parts),
+                blob = capture_blob(event, mask_for(rec.path, self.capture_parts),
                                     self.max_body)
-                if cap is not None:
-                    out.append((rec.id, compress(cap)))
+                if blob is not None:
+                    out.append((rec.id, blob))
             except Exception:
                 if not self._capture_bug_reported:
                     self._capture_bug_reported = True

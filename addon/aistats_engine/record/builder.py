@@ -256,7 +256,7 @@ def build_record(
 
     if stream and timing is not None and timing.content_offsets_ms:
         first = timing.content_offsets_ms[0]
-        rec.ttft_ms = first
+        rec.ttft_ms = round(first, 3)
         rec.chunks = timing.content_events
         if timing.last_byte_ms is not None:
             rec.decode_ms = round(timing.last_byte_ms - first, 3)

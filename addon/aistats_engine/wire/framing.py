@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import struct
 import zlib
+from itertools import accumulate, repeat
+from operator import add
 
 
 # One framed event: the SSE ``event:`` name (or None) and its data payload. A plain tuple:
@@ -66,6 +68,38 @@ class SSEFramer(_TextFramer):
         return [(ev[0], ev[1], end - shift)
                 for block, end in _blocks(self, self._buf + data, b"\n\n")
                 if (ev := _parse_sse_block(block)) is not None]
+
+    def feed_data(self, data: bytes) -> tuple[list[bytes], list[int]] | None:
+        """``feed_positions`` for the common stream, where every event is one ``data: `` line
+        (OpenAI-compatible chat and completions, unnamed Responses events, Gemini): the events'
+        data and positions, found with whole-batch operations instead of a loop per event.
+        None, with nothing consumed, for any other batch (names, comments, multi-line data,
+        empty events, carriage returns, possibly oversized events)."""
+        if self._skipping:
+            return None
+        shift = len(self._buf)
+        text = self._buf + data if shift else data
+        if len(text) > self.max_event or b"\r" in text:
+            return None
+        cut = text.rfind(b"\n\n")
+        if cut < 0:
+            self._buf = text
+            return [], []
+        rest = text[cut + 2:]  # the unterminated event
+        # Whole single-line events split at newlines into [event, b"", event, b"", ...].
+        lines = text.split(b"\n")
+        if rest:
+            del lines[-1 - rest.count(b"\n"):]
+        else:
+            lines.pop()
+        events = lines[::2]
+        if (lines[1::2].count(b"") != len(events)
+                or not all(map(bytes.startswith, events, repeat(b"data: ")))):
+            return None
+        self._buf = rest
+        # Event i ends at the second newline after it: its length so far, plus two per event.
+        positions = list(map(add, accumulate(map(len, events)), range(1 - shift, 2 * len(events), 2)))
+        return [e[6:] for e in events], positions
 
     def close(self) -> list[Event]:
         """Flush at end of stream: a final event without its blank line still counts."""

@@ -260,6 +260,44 @@ class ResponseState:
                 verdict = short(obj)
                 if verdict is not None:
                     return verdict
+        return self._read_object(name, obj)
+
+    def on_data(self, datas: list[bytes]) -> list[bool]:
+        """``on_event`` for a batch of unnamed events: their content verdicts. The same
+        reading with the per-event work cut to parsing and the short path where nothing
+        else can see the event (no tap, no transport wrapping); any event the short path
+        does not decide, or that does not parse, takes ``on_event`` as it is."""
+        short = self._short
+        if short is None or not self.fast or self.tap is not None or self.fmt.unwrap is not None:
+            on_event = self.on_event
+            return [on_event(None, d) for d in datas]
+        out: list[bool] = []
+        add = out.append
+        loads = orjson.loads
+        plain = 0
+        for data in datas:
+            if self.primed:
+                try:
+                    obj = loads(data)
+                except ValueError:  # [DONE], empty or invalid: as on_event reads them
+                    add(self.on_event(None, data))
+                    continue
+                if obj.__class__ is dict:
+                    verdict = short(obj)
+                    if verdict is None:
+                        self.events += 1
+                        verdict = self._read_object(None, obj)
+                    else:
+                        plain += 1
+                    add(verdict)
+                    continue
+            add(self.on_event(None, data))
+        self.events += plain
+        return out
+
+    def _read_object(self, name: str | None, obj: dict) -> bool:
+        """The full reading of one parsed event."""
+        fmt = self.fmt
         self.primed = True
         if fmt.error_event(name, obj):
             self.stream_error(obj, "stream_error")
