@@ -1,0 +1,189 @@
+"""The live stream reading's shortcuts give what the full reading gives (issue 11).
+
+The full reading: every chunk framed on its own (``framer.feed``) and every event parsed and read
+in full (``ResponseState.fast = False``). The live path: chunks kept and read in batches, whole
+batches of one-line ``data:`` events framed at once (``SSEFramer.feed_data``), parsed in one loop
+with each format's short path (``ResponseState.on_data``), content events timed by the chunk that
+completed them. Compared over every stream we have: the acceptance cases (llama-swap and both
+Higress files), the recorded sample flows, the unit fixtures and the benchmark's own stream, each
+cut into chunks several ways, with the same chunk clock.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from aistats_engine import observer
+from aistats_engine.observer import StreamObserver
+from aistats_engine.wire import framing
+from aistats_engine.wire.formats import match_api
+from aistats_engine.wire.framing import framer_for
+from aistats_engine.wire.reader import ResponseState
+from conftest import load_cases
+from fixtures import ANTHROPIC, GEMINI, OLLAMA, OPENAI_CHAT, RESPONSES, gzip_per_event, zstd
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_FLOWS = ROOT / "flows" / "sample.flow"
+
+
+def _bench_stream(n: int = 40) -> bytes:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return b"".join([bench.sse_event(i) for i in range(n)] + bench.sse_tail(n))
+
+
+def _case_streams() -> list[tuple[str, str, str, str | None, bytes]]:
+    """(name, api, content type, encoding, body) of every streamed acceptance case."""
+    out = []
+    for file in ("llama_swap_cases.json", "higress_cases.json", "higress_test_cases.json"):
+        for case in load_cases(file):
+            headers = {k.lower(): v for k, v in case["response"]["headers"].items()}
+            ctype = headers.get("content-type", "")
+            if framer_for(ctype) is None:
+                continue
+            path = case["request"]["path"].split("?", 1)[0]
+            match = match_api(case["request"].get("method", "POST"), path)
+            assert match is not None, case["name"]
+            out.append((f"{file}:{case['name']}", match.api, ctype,
+                        headers.get("content-encoding"), case["response"]["body"].encode()))
+    return out
+
+
+def _flow_streams() -> list[tuple[str, str, str, str | None, bytes]]:
+    """The streamed responses of the recorded sample flows."""
+    from mitmproxy import io
+
+    out = []
+    with open(SAMPLE_FLOWS, "rb") as f:
+        for flow in io.FlowReader(f).stream():
+            resp = getattr(flow, "response", None)
+            if resp is None or not resp.raw_content:
+                continue
+            ctype = resp.headers.get("content-type", "")
+            match = match_api(flow.request.method, flow.request.path.split("?", 1)[0])
+            if framer_for(ctype) is None or match is None:
+                continue
+            out.append((f"sample.flow:{flow.id[:8]}", match.api, ctype,
+                        resp.headers.get("content-encoding"), resp.raw_content))
+    return out
+
+
+HOSTILE_CHAT = (  # one-line data events, but not all of them what they seem
+    b'data: {"id":"c","model":"m","choices":[{"delta":{"role":"assistant","content":""}}]}\n\n'
+    b'data: {"id":"c","choices":[{"delta":{"content":"a"}}]}\n\n'
+    b'data: {"id":"c","choices":[{"delta":{"content":"b"}}\n\n'  # cut short: invalid JSON
+    b'data: [1, 2]\n\n'  # JSON, not an object
+    b'data: \n\n'  # empty data
+    b'data: {"id":"c","choices":[{"delta":{"content":"x"}}],"usage":null}\n\n'
+    b'data: {"id":"d","model":"m2","choices":[{"delta":{"content":"c"},"finish_reason":"stop"}]}\n\n'
+    b'data: {"error":{"message":"overloaded","type":"server_error"}}\n\n'
+    b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n'
+    b'data: [DONE]\n\n'
+)
+
+UNIT_STREAMS = [
+    ("openai_chat", "chat_completions", "text/event-stream", None, OPENAI_CHAT),
+    ("openai_gzip", "chat_completions", "text/event-stream", "gzip", gzip_per_event(OPENAI_CHAT)),
+    ("anthropic", "messages", "text/event-stream", None, ANTHROPIC),
+    ("anthropic_zstd", "messages", "text/event-stream", "zstd", zstd(ANTHROPIC)),
+    ("responses", "responses", "text/event-stream", None, RESPONSES),
+    ("gemini", "generate_content", "text/event-stream", None, GEMINI),
+    ("ollama", "ollama_chat", "application/x-ndjson", None, OLLAMA),
+    ("hostile_chat", "chat_completions", "text/event-stream", None, HOSTILE_CHAT),
+    ("bench", "chat_completions", "text/event-stream", None, _bench_stream()),
+]
+
+ALL_STREAMS = UNIT_STREAMS + _case_streams() + _flow_streams()
+
+
+def _chunkings(body: bytes, seed: int) -> list[list[bytes]]:
+    """Whole; one chunk per event (a paced stream); random cuts (any byte boundary)."""
+    rng = random.Random(seed)
+    out = [[body]]
+    per_event = [p + b"\n\n" for p in body.split(b"\n\n")[:-1]]
+    if per_event and b"".join(per_event) == body:
+        out.append(per_event)
+    for _ in range(4):
+        k = min(len(body) - 1, rng.randint(2, 40))
+        cuts = sorted(rng.sample(range(1, len(body)), k=k))
+        out.append([body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])])
+    return out
+
+
+def _full(api: str, ctype: str, enc: str | None, chunks: list[bytes]):
+    """The full reading: chunk by chunk past the body cap, every event read in full."""
+    obs = StreamObserver(api, framer_for(ctype)(), enc, t_start=0.0, max_body=1)
+    obs.reader.fast = False
+    for i, chunk in enumerate(chunks):
+        obs.feed(chunk, 0.001 * (i + 1))
+    return _result(obs)
+
+
+def _live(api: str, ctype: str, enc: str | None, chunks: list[bytes], limit: int):
+    """The live path: chunks kept, read in batches of about ``limit`` bytes, as the addon
+    drains them (one drain per loop turn, again while some are left)."""
+    obs = StreamObserver(api, framer_for(ctype)(), enc, t_start=0.0)
+    due = False
+    for i, chunk in enumerate(chunks):
+        due |= obs.feed(chunk, 0.001 * (i + 1))
+        if due:
+            due = obs.drain(limit)
+    return _result(obs)
+
+
+def _result(obs: StreamObserver):
+    parsed = obs.finish(complete=True)
+    parsed.problems = [p for p in parsed.problems if p.kind != "body_too_large"]
+    timing = obs.timing()
+    timing.first_byte_ms = timing.last_byte_ms = None  # the clock of chunks, not of events
+    return parsed, timing
+
+
+@pytest.mark.parametrize("name,api,ctype,enc,body", ALL_STREAMS, ids=[s[0] for s in ALL_STREAMS])
+def test_live_reading_equals_the_full_reading(name, api, ctype, enc, body, monkeypatch):
+    monkeypatch.setattr(observer, "DRAIN_BYTES", 256)  # many batches even for short streams
+    for seed, chunks in enumerate(_chunkings(body, len(body))):
+        want = _full(api, ctype, enc, chunks)
+        for limit in (1 << 20, 512, 1):
+            assert _live(api, ctype, enc, chunks, limit) == want, (name, seed, limit)
+
+
+def test_the_sources_are_all_there():
+    """Every acceptance file with streams, and the sample flows, feed the comparison."""
+    names = {s[0].split(":", 1)[0] for s in ALL_STREAMS}
+    assert {"llama_swap_cases.json", "higress_cases.json", "higress_test_cases.json",
+            "sample.flow"} <= names
+
+
+def test_the_shortcuts_are_taken(monkeypatch):
+    """The comparison above means something only if the live path does take the shortcuts:
+    the bench's stream is framed by ``feed_data`` and all but its first and last events are
+    read by the short path alone."""
+    batches = []
+    full = []
+    real_feed_data = framing.SSEFramer.feed_data
+    real_read = ResponseState._read_object
+
+    def feed_data(self, data):
+        got = real_feed_data(self, data)
+        batches.append(got is not None)
+        return got
+
+    def read_object(self, name, obj):
+        full.append(obj)
+        return real_read(self, name, obj)
+
+    monkeypatch.setattr(framing.SSEFramer, "feed_data", feed_data)
+    monkeypatch.setattr(ResponseState, "_read_object", read_object)
+    parsed, timing = _live("chat_completions", "text/event-stream", None,
+                           [p + b"\n\n" for p in _bench_stream(100).split(b"\n\n")[:-1]], 4096)
+    assert batches and all(batches)
+    assert timing.content_events == 99 and parsed.usage.output == 100
+    assert len(full) == 3  # the first event (ids, model), the finish and the usage chunk
