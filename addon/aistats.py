@@ -34,7 +34,7 @@ from aistats_engine.observer import (  # noqa: E402
 from aistats_engine.outputs.bus import Bus, Finished, Started, first_values  # noqa: E402
 from aistats_engine.outputs.metrics import MetricsConfig  # noqa: E402
 from aistats_engine.outputs.metrics_output import MetricsOutput  # noqa: E402
-from aistats_engine.outputs.higress_log import line as higress_line  # noqa: E402
+from aistats_engine.outputs.higress_log import json_line as higress_line  # noqa: E402
 from aistats_engine.outputs.jsonl_output import JsonlOutput  # noqa: E402
 from aistats_engine.outputs.captures import CaptureCache  # noqa: E402
 from aistats_engine.outputs.store import Store  # noqa: E402
@@ -45,7 +45,6 @@ from aistats_engine.record import redact  # noqa: E402
 from aistats_engine.record.builder import (  # noqa: E402
     Attribution, Failure, RequestMeta, ResponseMeta, build_record, exchange_end)
 from aistats_engine.record.problems import INTERNAL, Problem  # noqa: E402
-from aistats_engine.record.record import Record  # noqa: E402
 from aistats_engine.rules import config as rules_config  # noqa: E402
 from aistats_engine.rules.engine import FlowRules  # noqa: E402
 from aistats_engine.web.events import EventHub  # noqa: E402
@@ -164,7 +163,7 @@ class AIStats:
         try:
             if changed(_log_part):
                 built["log"] = self._build_jsonl("log", "aistats_log", new.log_path, new,
-                                                 Record.to_dict)
+                                                 Finished.record_json)
             if changed(_higress_log_part):
                 built["higress_log"] = self._build_jsonl(
                     "higress_log", "aistats_higress_log", new.higress_log_path, new, higress_line)
@@ -209,7 +208,7 @@ class AIStats:
         self.rules = rules
 
     def _build_jsonl(self, name: str, option: str, path: str, new: settings.Settings,
-                     to_line: Callable[[Record], dict]) -> JsonlOutput | None:
+                     to_line: Callable[[Finished], bytes]) -> JsonlOutput | None:
         if not path:
             return None
         try:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+
+import orjson
 
 from ..record import redact
 from ..record.record import Record
@@ -57,6 +59,15 @@ class Finished:
     request_encoding: str | None = None
     response_raw: bytes | None = None  # None: no response, or a stream over aistats_max_body
     response_encoding: str | None = None
+    _json: bytes | None = field(default=None, repr=False, compare=False)
+
+    def record_json(self) -> bytes:
+        """The record as JSON (record.md), made once for every output that writes it (the
+        log on the event loop, the store on its thread: either may come first)."""
+        text = self._json
+        if text is None:
+            text = self._json = orjson.dumps(self.record.to_dict(), default=str)
+        return text
 
     def request_headers(self, lower: bool = True) -> list[tuple[str, str]]:
         """Redacted pairs, first value per name (lower-cased, or as first spelled)."""

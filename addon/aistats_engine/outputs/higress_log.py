@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from ..record.record import Record
+from .bus import Finished
 
 
 def ai_log(rec: Record) -> dict[str, Any]:
@@ -45,6 +46,11 @@ def ai_log(rec: Record) -> dict[str, Any]:
         if key not in rec.log_fields:
             out[key] = value
     return out
+
+
+def json_line(event: Finished) -> bytes:
+    """``line`` serialised, for ``JsonlOutput``."""
+    return orjson.dumps(line(event.record))
 
 
 def line(rec: Record) -> dict[str, Any]:

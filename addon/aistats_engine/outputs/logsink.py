@@ -100,11 +100,15 @@ class JsonlSink:
     # -- caller side (event loop) -----------------------------------------------------------
     def write(self, obj: dict) -> None:
         """Serialise and enqueue; never blocks and never touches the disk."""
+        self.write_line(orjson.dumps(obj))
+
+    def write_line(self, line: bytes) -> None:
+        """Enqueue one serialised JSON object (without its newline); never blocks."""
         if self._stop.is_set():
             self._drop(1)
             return
         try:
-            self._q.put_nowait(orjson.dumps(obj) + b"\n")
+            self._q.put_nowait(line + b"\n")
         except queue.Full:
             with self._drop_lock:
                 self._queue_full += 1

@@ -497,21 +497,23 @@ class Store:
         if self._stop.is_set():
             self._drop(1)
             return
-        keep: Finished | None = None
+        capture = False
         size = 0
         cache = self.captures
         skipped = False
         if cache is not None and cache.enabled:
             size = len(event.request_raw or b"") + len(event.response_raw or b"")
-            keep = event
+            capture = True
         with self._cond:
             if rec.id > self._max_seen:
                 self._max_seen = rec.id
-            if keep is not None and self._queued_bytes and (
+            if capture and self._queued_bytes and (
                     self._queued_bytes + size > self.max_queue_bytes):
-                keep, size, skipped = None, 0, True
+                capture, size, skipped = False, 0, True
+            if not capture:  # queue the record without the bodies, which can be large
+                event = Finished(rec, event.t_start, event.t_end, _json=event._json)
             try:
-                self._q.put_nowait((rec, event.t_start, event.t_end, keep, size))
+                self._q.put_nowait((event, capture, size))
             except queue.Full:
                 self._queue_full += 1
                 n = self._queue_full
@@ -598,7 +600,7 @@ class Store:
                 finally:
                     with self._cond:
                         self._done += len(batch)
-                        self._queued_bytes -= sum(b[4] for b in batch)  # type: ignore[index]
+                        self._queued_bytes -= sum(b[2] for b in batch)  # type: ignore[index]
                         self._cond.notify_all()
             elif self.max_age_s is not None and time.monotonic() >= self._next_age_prune:
                 self._maintain()
@@ -608,9 +610,10 @@ class Store:
         cache = self.captures
         if cache is None or not cache.enabled:
             return out
-        for rec, _, _, event, _ in batch:
-            if event is None:
+        for event, capture, _ in batch:
+            if not capture:
                 continue
+            rec = event.record
             try:
                 blob = capture_blob(event, mask_for(rec.path, self.capture_parts),
                                     self.max_body)
@@ -623,21 +626,22 @@ class Store:
         return out
 
     @staticmethod
-    def _row(rec: Record, t_start: float, t_end: float) -> tuple:
+    def _row(rec: Record, t_start: float, t_end: float, text: bytes) -> tuple:
         status = rec.status
         return (rec.id, t_start, t_end,
                 *(getattr(rec, f) for f in _FROM_RECORD),
                 f"{status // 100}xx" if status is not None else "none",
                 *(getattr(rec, f) for f in _FROM_RECORD_2),
                 1 if rec.error or rec.error_type else 0,
-                orjson.dumps(rec.to_dict(), default=str).decode())
+                text.decode())
 
     def _process(self, batch: list[tuple]) -> None:
         blobs = self._build_captures(batch)
         rows = []
-        for rec, t_start, t_end, _, _ in batch:
+        for event, _, _ in batch:
+            rec = event.record
             try:
-                rows.append(self._row(rec, t_start, t_end))
+                rows.append(self._row(rec, event.t_start, event.t_end, event.record_json()))
             except Exception:
                 log.exception("aistats: record %s cannot be stored", rec.id)
                 self._drop(1)

@@ -32,7 +32,16 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
 def client_name(user_agent: str | None) -> str | None:
     if not user_agent:
         return None
-    for pattern, name in _PATTERNS:
-        if pattern.search(user_agent):
-            return name
-    return None
+    name = _known.get(user_agent, _UNSEEN)
+    if name is _UNSEEN:
+        name = next((n for pattern, n in _PATTERNS if pattern.search(user_agent)), None)
+        if len(_known) >= _MAX_KNOWN:
+            _known.clear()
+        _known[user_agent] = name
+    return name  # type: ignore[return-value]
+
+
+# A client sends the same User-Agent on every request: the patterns run once per distinct one.
+_UNSEEN = object()
+_MAX_KNOWN = 1024
+_known: dict[str, str | None] = {}

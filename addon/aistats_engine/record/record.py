@@ -7,6 +7,7 @@ Unknown values are ``None``, never 0 or -1.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, UTC
 from typing import Any
@@ -104,6 +105,24 @@ LOGGED_FIELDS = tuple(f.name for f in dataclasses.fields(Record) if f.name not i
 
 
 def rfc3339_ms(ts: float) -> str:
-    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-24T00:37:59.123Z``."""
-    dt = datetime.fromtimestamp(ts, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-24T00:37:59.123Z``: the milliseconds of
+    the timestamp rounded to microseconds half-even (as ``datetime.fromtimestamp`` does), the
+    rest formatted once per second (two records a request; formatting is the costly part)."""
+    frac, whole = math.modf(ts)
+    micros = round(frac * 1e6)
+    if micros >= 1_000_000:
+        whole += 1.0
+        micros -= 1_000_000
+    elif micros < 0:  # before 1970
+        whole -= 1.0
+        micros += 1_000_000
+    second = int(whole)
+    global _last_second
+    last = _last_second  # one tuple, read and replaced whole: safe from any thread
+    if last[0] != second:
+        last = _last_second = (
+            second, datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S."))
+    return f"{last[1]}{micros // 1000:03d}Z"
+
+
+_last_second: tuple[int | None, str] = (None, "")  # the second formatted last, and its text
