@@ -240,8 +240,9 @@ class StreamObserver:
         self._chunk_times, self._chunk_ends = times[n:], ends[n:]
         self._read_upto = ends[n - 1]
         if self._framer is not None:
-            self._read_whole(bytes(self._buf[start:ends[n - 1]]), times[:n],
-                             [e - start for e in ends[:n]])
+            with memoryview(self._buf) as view:  # one copy of the batch, not two
+                batch = bytes(view[start:ends[n - 1]])
+            self._read_whole(batch, times[:n], [e - start for e in ends[:n]])
         if self._chunk_times:
             self._drain_due = True
             return True
