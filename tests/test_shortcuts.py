@@ -121,33 +121,43 @@ def _full(api: str, ctype: str, enc: str | None, chunks: list[bytes]):
     """The full reading: chunk by chunk past the body cap, every event read in full."""
     obs = StreamObserver(api, framer_for(ctype)(), enc, t_start=0.0, max_body=1)
     obs.reader.fast = False
+    tapped = _tap(obs)
     for i, chunk in enumerate(chunks):
         obs.feed(chunk, 0.001 * (i + 1))
-    return _result(obs)
+    return _result(obs, tapped)
 
 
 def _live(api: str, ctype: str, enc: str | None, chunks: list[bytes], limit: int):
     """The live path: chunks kept, read in batches of about ``limit`` bytes, as the addon
     drains them (one drain per loop turn, again while some are left)."""
     obs = StreamObserver(api, framer_for(ctype)(), enc, t_start=0.0)
+    tapped = _tap(obs)
     due = False
     for i, chunk in enumerate(chunks):
         due |= obs.feed(chunk, 0.001 * (i + 1))
         if due:
             due = obs.drain(limit)
-    return _result(obs)
+    return _result(obs, tapped)
 
 
-def _result(obs: StreamObserver):
+def _tap(obs: StreamObserver) -> list:
+    """What the attribute rules' tap sees: every parsed event, in order."""
+    seen: list = []
+    obs.reader.tap = lambda name, obj: seen.append((name, obj))
+    return seen
+
+
+def _result(obs: StreamObserver, tapped: list):
     parsed = obs.finish(complete=True)
     parsed.problems = [p for p in parsed.problems if p.kind != "body_too_large"]
     timing = obs.timing()
     timing.first_byte_ms = timing.last_byte_ms = None  # the clock of chunks, not of events
-    return parsed, timing
+    return parsed, timing, tapped
 
 
 @pytest.mark.parametrize("name,api,ctype,enc,body", ALL_STREAMS, ids=[s[0] for s in ALL_STREAMS])
 def test_live_reading_equals_the_full_reading(name, api, ctype, enc, body, monkeypatch):
+    """Record facts, the chunk clock of content events, and what the rules' tap sees."""
     monkeypatch.setattr(observer, "DRAIN_BYTES", 256)  # many batches even for short streams
     for seed, chunks in enumerate(_chunkings(body, len(body))):
         want = _full(api, ctype, enc, chunks)
@@ -182,8 +192,10 @@ def test_the_shortcuts_are_taken(monkeypatch):
 
     monkeypatch.setattr(framing.SSEFramer, "feed_data", feed_data)
     monkeypatch.setattr(ResponseState, "_read_object", read_object)
-    parsed, timing = _live("chat_completions", "text/event-stream", None,
-                           [p + b"\n\n" for p in _bench_stream(100).split(b"\n\n")[:-1]], 4096)
+    parsed, timing, tapped = _live("chat_completions", "text/event-stream", None,
+                                   [p + b"\n\n" for p in _bench_stream(100).split(b"\n\n")[:-1]],
+                                   4096)
     assert batches and all(batches)
     assert timing.content_events == 99 and parsed.usage.output == 100
     assert len(full) == 3  # the first event (ids, model), the finish and the usage chunk
+    assert len(tapped) == 102  # ... and the tap (attribute rules) saw every event

@@ -264,16 +264,17 @@ class ResponseState:
 
     def on_data(self, datas: list[bytes]) -> list[bool]:
         """``on_event`` for a batch of unnamed events: their content verdicts. The same
-        reading with the per-event work cut to parsing and the short path where nothing
-        else can see the event (no tap, no transport wrapping); any event the short path
-        does not decide, or that does not parse, takes ``on_event`` as it is."""
+        reading with the per-event work cut to parsing, the tap and the short path (formats
+        without transport wrapping); any event the short path does not decide, or that does
+        not parse, takes ``on_event`` as it is."""
         short = self._short
-        if short is None or not self.fast or self.tap is not None or self.fmt.unwrap is not None:
+        if short is None or not self.fast or self.fmt.unwrap is not None:
             on_event = self.on_event
             return [on_event(None, d) for d in datas]
         out: list[bool] = []
         add = out.append
         loads = orjson.loads
+        tap = self.tap
         plain = 0
         for data in datas:
             if self.primed:
@@ -283,6 +284,8 @@ class ResponseState:
                     add(self.on_event(None, data))
                     continue
                 if obj.__class__ is dict:
+                    if tap is not None:
+                        tap(None, obj)
                     verdict = short(obj)
                     if verdict is None:
                         self.events += 1
