@@ -199,3 +199,31 @@ def test_the_shortcuts_are_taken(monkeypatch):
     assert timing.content_events == 99 and parsed.usage.output == 100
     assert len(full) == 3  # the first event (ids, model), the finish and the usage chunk
     assert len(tapped) == 102  # ... and the tap (attribute rules) saw every event
+
+
+def test_timestamps_formatted_per_second_equal_datetime():
+    """``rfc3339_ms`` formats the second once and adds the milliseconds: the same text as
+    ``datetime.fromtimestamp`` (microseconds rounded half-even) for any timestamp."""
+    from datetime import UTC, datetime
+
+    from aistats_engine.record.record import rfc3339_ms
+
+    def reference(ts: float) -> str:
+        dt = datetime.fromtimestamp(ts, tz=UTC)
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+    rng = random.Random(11)
+    edges = [1764000000.9999996, 1764000000.9995, 1764000000.0005, 0.0, 1.5, -0.5,
+             -1.0000004, 86399.99999951]
+    for ts in edges + [rng.uniform(0, 4e9) for _ in range(20000)] + [
+            1764000000 + rng.random() * 3 for _ in range(20000)]:
+        assert rfc3339_ms(ts) == reference(ts), ts
+
+
+def test_client_names_cached_per_user_agent_equal_the_patterns():
+    from aistats_engine.record import clients
+
+    for ua in ("OpenAI/Python 1.54.0", "Anthropic/Python 0.40.0", "curl/8.5.0", "nothing known",
+               "OpenAI/Python 1.54.0", ""):
+        want = next((n for p, n in clients._PATTERNS if ua and p.search(ua)), None)
+        assert clients.client_name(ua) == want

@@ -117,12 +117,15 @@ def rfc3339_ms(ts: float) -> str:
         whole -= 1.0
         micros += 1_000_000
     second = int(whole)
-    global _last_second
-    last = _last_second  # one tuple, read and replaced whole: safe from any thread
-    if last[0] != second:
-        last = _last_second = (
-            second, datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S."))
-    return f"{last[1]}{micros // 1000:03d}Z"
+    text = _seconds.get(second)
+    if text is None:
+        if len(_seconds) >= 16:
+            _seconds.clear()
+        text = _seconds[second] = datetime.fromtimestamp(second, tz=UTC).strftime(
+            "%Y-%m-%dT%H:%M:%S.")
+    return f"{text}{micros // 1000:03d}Z"
 
 
-_last_second: tuple[int | None, str] = (None, "")  # the second formatted last, and its text
+# The seconds formatted last (a record's start and end are often in two): any thread may use
+# it, as a dict's get and set are atomic.
+_seconds: dict[int, str] = {}
