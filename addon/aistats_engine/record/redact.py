@@ -102,8 +102,8 @@ class Redactor:
         return _SHAPES.sub(REDACTED, text) if text else text
 
     def exact(self, text: str) -> str:
-        """Only the request's own secrets: for large texts (captured bodies), where scanning for
-        key shapes would cost more than the rest of the capture."""
+        """Only the request's own secrets (captured bodies get the same, on their bytes:
+        ``captures._scrub``; scanning them for key shapes would cost more than the rest)."""
         for s in self._secrets:
             if s in text:
                 text = text.replace(s, REDACTED)
