@@ -39,6 +39,7 @@ from pathlib import Path
 import orjson
 
 from .drops import Drops
+from .writer import WAKE as _WAKE, stop_writer
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ CHECK_INTERVAL = 1.0  # seconds: longest wait before a moved/deleted file or a r
 COALESCE = 0.2  # seconds a batch may wait for more lines before it is written
 
 _BUFFER = 64 << 10  # bytes the writer thread collects before writing them out regardless
-_WAKE = object()  # queued by close() so an idle writer notices the stop flag at once
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
 
 
@@ -123,19 +123,7 @@ class JsonlSink:
         Returns at once unless ``wait`` (process exit), then waits at most ``timeout`` seconds.
         True when the thread has finished.
         """
-        self._stop.set()
-        try:
-            self._q.put_nowait(_WAKE)
-        except queue.Full:
-            pass  # the thread has records to write and checks the stop flag after each
-        if not wait:
-            return not self._thread.is_alive()
-        self._thread.join(max(0.0, timeout))
-        if self._thread.is_alive():
-            log.warning("aistats: log %s not finished within %.1fs; %d queued record(s) may be "
-                        "lost", self.path, timeout, self._q.qsize())
-            return False
-        return True
+        return stop_writer(self._stop, self._q, self._thread, wait, timeout, f"log {self.path}")
 
     # -- writer thread ----------------------------------------------------------------------
     def _run(self) -> None:

@@ -58,6 +58,7 @@ from typing import Any
 import orjson
 
 from .drops import Drops
+from .writer import WAKE as _WAKE, stop_writer
 
 from ..record.record import Record, rfc3339_ms
 from .bus import Finished, Started
@@ -80,8 +81,6 @@ STATUS_CLASSES = frozenset({"1xx", "2xx", "3xx", "4xx", "5xx", "none"})
 PERCENTILES = (50, 95, 99)
 DISTRIBUTIONS = ("ttft_ms", "prompt_per_second", "tokens_per_second",
                  "observed_tokens_per_second")
-
-_WAKE = object()  # queued by close() so an idle writer notices the stop flag at once
 
 # (column, SQL type); the row is built by Store._row in this order.
 _COLUMNS: tuple[tuple[str, str], ...] = (
@@ -535,19 +534,8 @@ class Store:
         """Stop accepting records; the writer stores what is queued, then exits. Returns at
         once unless ``wait`` (then at most ``timeout`` s); True when the writer has finished.
         Reads keep working after close."""
-        self._stop.set()
-        try:
-            self._q.put_nowait(_WAKE)
-        except queue.Full:
-            pass  # the writer checks the stop flag after each batch
-        if not wait:
-            return not self._thread.is_alive()
-        self._thread.join(max(0.0, timeout))
-        if self._thread.is_alive():
-            log.warning("aistats: store %s not finished within %.1fs; %d queued record(s) may "
-                        "be lost", self._where_name, timeout, self._q.qsize())
-            return False
-        return True
+        return stop_writer(self._stop, self._q, self._thread, wait, timeout,
+                           f"store {self._where_name}")
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every record queued so far is written (or dropped); False on timeout."""
