@@ -269,18 +269,16 @@ class StreamObserver:
             times = times[:len(parts)]
             text = b"".join(parts)
         framer = self._framer
-        events = None
-        data_events = framer.feed_data(text) if framer.__class__ is SSEFramer else None
-        if data_events is not None:
-            datas, positions = data_events
+        found = framer.feed_data(text) if framer.__class__ is SSEFramer else None
+        if found is not None:
+            datas, positions = found
             self._time_content(self.reader.on_data(datas), positions, times, ends)
-        elif isinstance(framer, (SSEFramer, NDJSONFramer)):
-            events = framer.feed_positions(text)
-            if events is not None:
-                on_event = self.reader.on_event
-                self._time_content([on_event(name, data) for name, data, _ in events],
-                                   [pos for _, _, pos in events], times, ends)
-        if data_events is None and events is None:
+        elif isinstance(framer, (SSEFramer, NDJSONFramer)) and (
+                events := framer.feed_positions(text)) is not None:
+            on_event = self.reader.on_event
+            self._time_content([on_event(name, data) for name, data, _ in events],
+                               [pos for _, _, pos in events], times, ends)
+        else:
             if parts is None:
                 parts = [body[start:end] for start, end in zip(starts, ends)]
             for part, now in zip(parts, times):

@@ -69,6 +69,11 @@ class Finished:
             text = self._json = orjson.dumps(self.record.to_dict(), default=str)
         return text
 
+    def without_bodies(self) -> Finished:
+        """The same event without headers and bodies (and the record's JSON, if made, kept):
+        what an output holds on to when it will not need them."""
+        return Finished(self.record, self.t_start, self.t_end, _json=self._json)
+
     def request_headers(self, lower: bool = True) -> list[tuple[str, str]]:
         """Redacted pairs, first value per name (lower-cased, or as first spelled)."""
         return redact.headers(first_values(self.request_fields, lower))

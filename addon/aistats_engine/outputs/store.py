@@ -510,7 +510,7 @@ class Store:
                     self._queued_bytes + size > self.max_queue_bytes):
                 capture, size, skipped = False, 0, True
             if not capture:  # queue the record without the bodies, which can be large
-                event = Finished(rec, event.t_start, event.t_end, _json=event._json)
+                event = event.without_bodies()
             try:
                 self._q.put_nowait((event, capture, size))
             except queue.Full:
