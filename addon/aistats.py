@@ -59,6 +59,9 @@ log = logging.getLogger("aistats")
 
 METADATA_KEY = "aistats"
 CONFIG_CHECK_SECONDS = 1.0  # how often the rule file is checked for changes
+# Records waiting for a later loop turn, at most: `mitmdump -nr` reads a whole file without
+# yielding to the loop, so without a bound every flow of the file would wait (memory, GC).
+MAX_PENDING = 32
 METADATA_VERSION = 2  # v2: Parsed with structured problems (v1 flows replay from their bodies)
 
 
@@ -585,13 +588,17 @@ class AIStats:
         self._unbuilt.append(build)
         if len(self._unbuilt) == 1:
             _soon(self._build_pending)
+        elif len(self._unbuilt) >= MAX_PENDING:
+            self._build_pending()  # the loop is not turning (replay): now, not later
 
     def _build_pending(self) -> None:
         t0 = time.perf_counter()
         builds, self._unbuilt = self._unbuilt, []
         events = [build() for build in builds]
         self._unpublished.extend(events)
-        if events and len(self._unpublished) == len(events):
+        if len(self._unpublished) >= MAX_PENDING:
+            self._publish()
+        elif events and len(self._unpublished) == len(events):
             _soon(self._publish)
         self.overhead += time.perf_counter() - t0
 

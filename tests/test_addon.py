@@ -156,6 +156,8 @@ def test_stream_error_event_in_200(env):
     ("aistats_metrics_port", "abc", "aistats_metrics_port: 'abc' is invalid; expected an integer 0-65535"),
     ("aistats_session_headers", "x-ok,bad header", "expected HTTP header names"),
     ("aistats_metrics_ttft_buckets", "1,0.5", "expected increasing positive seconds"),
+    ("aistats_store_rows", "0", "aistats_store_rows: '0' is invalid; expected an integer >= 1 "
+                                "with the in-memory store"),
     ("aistats_log", "/proc/nonexistent/dir/x.jsonl", "aistats_log: '/proc/nonexistent/dir/x.jsonl' is invalid; expected a writable file path"),
 ])
 def test_bad_options_are_one_line_errors(option, value, fragment, caplog):
@@ -226,3 +228,35 @@ def test_long_replay_shows_progress_at_most_once_a_second(caplog, monkeypatch):
     done = [m for m in caplog.messages if m.startswith("aistats: replay done: ")]
     assert len(progress) == 2  # at +1 s and +2 s, not per flow
     assert done == ["aistats: replay done: 10 flows read, 10 records written in 2.7 s (4 flows/s)"]
+
+
+def test_replay_without_loop_turns_keeps_pending_records_bounded():
+    """`mitmdump -nr` runs every flow of a file without yielding to the loop: the records
+    waiting for a later loop turn stay bounded (made and published as they pile up), in order."""
+    import asyncio
+
+    from flowkit import set_response
+    addon, ctx, cap = new_addon()
+    most = [0, 0]
+
+    async def replay_all() -> None:
+        for i in range(5 * aistats.MAX_PENDING):  # no await: the loop never turns
+            f = make_flow("POST", "/v1/chat/completions", {}, b'{"model":"m%d"}' % i)
+            set_response(f, 200, {"content-type": "application/json"}, 1.0)
+            f.response.raw_content = b'{"choices":[]}'
+            f.response.timestamp_end = 1.0
+            run_replay(addon, f)
+            most[0] = max(most[0], len(addon._unbuilt))
+            most[1] = max(most[1], len(addon._unpublished))
+        published_before_turn = len(cap.records)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert published_before_turn >= 4 * aistats.MAX_PENDING
+
+    try:
+        asyncio.run(replay_all())
+    finally:
+        ctx.__exit__(None, None, None)
+    assert most[0] < aistats.MAX_PENDING and most[1] < aistats.MAX_PENDING
+    assert [r["model"] for r in cap.records] == ["m%d" % i for i in range(5 * aistats.MAX_PENDING)]
+    assert [r["id"] for r in cap.records] == sorted(r["id"] for r in cap.records)

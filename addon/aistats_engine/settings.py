@@ -266,6 +266,12 @@ def parse(values: Mapping[str, object]) -> Settings:
     if config_path:
         from .rules import config  # lazy: the rules import this module's SettingsError
         rules = config.load(os.path.expanduser(config_path))
+    store_path = str(v["aistats_store"]).strip()
+    store_rows = _int("aistats_store_rows", v["aistats_store_rows"], 0)
+    if store_rows == 0 and not store_path:
+        raise SettingsError("aistats_store_rows", v["aistats_store_rows"],
+                            "an integer >= 1 with the in-memory store (0, no row bound, needs "
+                            "a file store: aistats_store)")
     otlp = str(v["aistats_otlp_endpoint"]).strip()
     if otlp and otlp != "env" and not re.match(r"^https?://[^/\s]+", otlp):
         raise SettingsError("aistats_otlp_endpoint", otlp,
@@ -300,8 +306,8 @@ def parse(values: Mapping[str, object]) -> Settings:
         span_content=_bool("aistats_span_content", v["aistats_span_content"]),
         ui=_bool("aistats_ui", v["aistats_ui"]),
         api_token=str(v["aistats_api_token"]).strip(),
-        store_path=str(v["aistats_store"]).strip(),
-        store_rows=_int("aistats_store_rows", v["aistats_store_rows"], 0),
+        store_path=store_path,
+        store_rows=store_rows,
         store_max_age=_duration("aistats_store_max_age", v["aistats_store_max_age"]),
         captures_bytes=_int("aistats_captures_mb", v["aistats_captures_mb"], 0, 1 << 20) << 20,
         capture_parts=_parts("aistats_capture_parts", v["aistats_capture_parts"]),
