@@ -1,9 +1,11 @@
 """The record store: every finished record in SQLite, for the activity, stats and sessions views.
 
 An output like the others (``started``/``finished``/``close``). ``finished`` only enqueues; a
-daemon writer thread inserts the records in batches (one transaction each), builds and stores
-their captures, and prunes. Reads (``activity``, ``stats``, ``sessions``, ``session``,
-``record``, ``capture``, ``export``) may be called from any thread (the web API's).
+daemon writer thread inserts the records in batches (one transaction each, gathered for up to a
+second), builds and stores their captures, and prunes. Reads (``activity``, ``stats``,
+``sessions``, ``session``, ``record``, ``capture``, ``export``) may be called from any thread
+(the web API's); each first has the writer write what is queued, so it sees every record
+finished before it.
 
 Where:
 
@@ -70,7 +72,11 @@ SCHEMA_VERSION = 1
 DEFAULT_MAX_ROWS = 1000
 DEFAULT_QUEUE = 10_000
 DEFAULT_QUEUE_BYTES = 64 << 20
-COALESCE_S = 0.05  # a batch waits this long at most for more records
+# A batch waits this long at most for more records: each transaction (insert, prune, commit)
+# costs about what 2-3 records do, and the thread's GIL hand-offs on a busy proxy cost more.
+# A read (API, UI) or flush() does not wait for it: it has the writer write what is queued now.
+COALESCE_S = 1.0
+CATCH_UP_S = 2.0  # a read waits at most this long for the records queued before it
 BATCH = 64  # records per transaction at most (short stretches holding the GIL: streamed
 # chunks of other connections wait behind them)
 EXPORT_CHUNK = 500
@@ -470,6 +476,7 @@ class Store:
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
+        self._catch_up(CATCH_UP_S)
         with self._rlock:
             if self.path is not None:
                 ident = self._ident()
@@ -539,8 +546,21 @@ class Store:
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every record queued so far is written (or dropped); False on timeout."""
+        return self._catch_up(timeout)
+
+    def _catch_up(self, timeout: float) -> bool:
+        """Have the writer write what is queued now (not after gathering a batch) and wait for
+        it, so a read sees every record finished before it. At once from the writer thread
+        or when nothing is queued."""
         with self._cond:
             target = self._enqueued
+            if self._done >= target or threading.current_thread() is self._thread:
+                return True
+        try:
+            self._q.put_nowait(_WAKE)
+        except queue.Full:
+            pass  # a full queue: the writer is not waiting to gather
+        with self._cond:
             return self._cond.wait_for(lambda: self._done >= target, timeout)
 
     # -- writer thread -------------------------------------------------------------------------
@@ -580,8 +600,9 @@ class Store:
                     item = self._q.get(timeout=max(0.0, until - time.monotonic()))
                 except queue.Empty:
                     break
-                if item is not _WAKE:
-                    batch.append(item)
+                if item is _WAKE:  # a reader, flush() or close() is waiting
+                    break
+                batch.append(item)
             if batch:
                 try:
                     self._process(batch)  # type: ignore[arg-type]
@@ -756,7 +777,10 @@ class Store:
 
     def capture(self, id: int) -> dict[str, Any] | None:
         cache = self.captures
-        return cache.get(id) if cache is not None else None
+        if cache is None:
+            return None
+        self._catch_up(CATCH_UP_S)
+        return cache.get(id)
 
     def activity(self, filters: Filters = ALL, sort: str = "id", order: str = "desc",
                  page: int = 1, limit: int = 25) -> dict[str, Any]:
