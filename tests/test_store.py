@@ -573,10 +573,11 @@ def test_reads_from_another_thread_while_writing(tmp_path, stores):
         assert s.activity()["total"] == 300
 
 
-def test_reads_see_every_record_finished_before_them_without_waiting_for_a_batch(stores):
+def test_reads_see_every_record_finished_before_them_without_waiting_for_a_batch(stores,
+                                                                                  monkeypatch):
     """The writer gathers records for up to COALESCE_S (fewer transactions); a read does not
     wait for that: it has the writer write what is queued first, so it sees it."""
-    assert store_mod.COALESCE_S >= 1.0  # long enough that only the catch-up can explain a hit
+    monkeypatch.setattr(store_mod, "COALESCE_S", 60.0)  # only the catch-up can explain a hit
     s = make(stores, None, captures=CaptureCache(1 << 20))
     put(s, ev(rec(1)))
     s.finished(ev(rec(2)))  # queued; the writer is now gathering a batch

@@ -1,8 +1,8 @@
 """The record store: every finished record in SQLite, for the activity, stats and sessions views.
 
 An output like the others (``started``/``finished``/``close``). ``finished`` only enqueues; a
-daemon writer thread inserts the records in batches (one transaction each, gathered for up to a
-second), builds and stores their captures, and prunes. Reads (``activity``, ``stats``,
+daemon writer thread inserts the records in batches (one transaction each, gathered for up to
+0.25 s), builds and stores their captures, and prunes. Reads (``activity``, ``stats``,
 ``sessions``, ``session``, ``record``, ``capture``, ``export``) may be called from any thread
 (the web API's); each first has the writer write what is queued, so it sees every record
 finished before it.
@@ -72,10 +72,10 @@ SCHEMA_VERSION = 1
 DEFAULT_MAX_ROWS = 1000
 DEFAULT_QUEUE = 10_000
 DEFAULT_QUEUE_BYTES = 64 << 20
-# A batch waits this long at most for more records: each transaction (insert, prune, commit)
-# costs about what 2-3 records do, and the thread's GIL hand-offs on a busy proxy cost more.
+# A batch waits this long at most for more records: in a busy proxy each transaction (insert,
+# prune, commit) with its GIL hand-offs cost about 350 us, twice a streamed record's own work.
 # A read (API, UI) or flush() does not wait for it: it has the writer write what is queued now.
-COALESCE_S = 1.0
+COALESCE_S = 0.25
 CATCH_UP_S = 2.0  # a read waits at most this long for the records queued before it
 BATCH = 64  # records per transaction at most (short stretches holding the GIL: streamed
 # chunks of other connections wait behind them)
