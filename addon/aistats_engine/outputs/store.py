@@ -352,6 +352,7 @@ class Store:
 
         self._q: queue.Queue[object] = queue.Queue(max(1, max_queue))
         self._stop = threading.Event()
+        self._hurry = threading.Event()  # a reader, flush() or close() waits: write now
         self._cond = threading.Condition()  # counters below, shared by both threads
         self._enqueued = 0
         self._done = 0
@@ -541,6 +542,7 @@ class Store:
         """Stop accepting records; the writer stores what is queued, then exits. Returns at
         once unless ``wait`` (then at most ``timeout`` s); True when the writer has finished.
         Reads keep working after close."""
+        self._hurry.set()
         return stop_writer(self._stop, self._q, self._thread, wait, timeout,
                            f"store {self._where_name}")
 
@@ -556,10 +558,7 @@ class Store:
             target = self._enqueued
             if self._done >= target or threading.current_thread() is self._thread:
                 return True
-        try:
-            self._q.put_nowait(_WAKE)
-        except queue.Full:
-            pass  # a full queue: the writer is not waiting to gather
+        self._hurry.set()
         with self._cond:
             return self._cond.wait_for(lambda: self._done >= target, timeout)
 
@@ -591,28 +590,36 @@ class Store:
                 item = self._q.get(timeout=IDLE_TICK)
             except queue.Empty:
                 item = _WAKE
-            batch = [] if item is _WAKE else [item]
-            # Gather for a moment: one transaction (insert, prune, commit) per batch costs
-            # about what one record does, and requests one at a time would pay it each.
-            until = time.monotonic() + COALESCE_S
-            while len(batch) < BATCH and not self._stop.is_set():
+            if item is _WAKE:
+                if self.max_age_s is not None and time.monotonic() >= self._next_age_prune:
+                    self._maintain()
+                continue
+            # A batch opens: sleep while it gathers (a reader, flush() or close() cuts that
+            # short), then take every record queued meanwhile at once. Waking for each record
+            # would cost a GIL hand-off with the event loop each on a busy proxy.
+            if not self._stop.is_set():
+                self._hurry.wait(COALESCE_S)
+            self._hurry.clear()
+            batch = [item]
+            while True:
                 try:
-                    item = self._q.get(timeout=max(0.0, until - time.monotonic()))
+                    item = self._q.get_nowait()
                 except queue.Empty:
                     break
-                if item is _WAKE:  # a reader, flush() or close() is waiting
-                    break
-                batch.append(item)
-            if batch:
-                try:
-                    self._process(batch)  # type: ignore[arg-type]
-                finally:
-                    with self._cond:
-                        self._done += len(batch)
-                        self._queued_bytes -= sum(b[2] for b in batch)  # type: ignore[index]
-                        self._cond.notify_all()
-            elif self.max_age_s is not None and time.monotonic() >= self._next_age_prune:
-                self._maintain()
+                if item is not _WAKE:
+                    batch.append(item)
+            for i in range(0, len(batch), BATCH):
+                self._write(batch[i:i + BATCH])
+
+    def _write(self, batch: list[tuple]) -> None:
+        """One transaction; the records count as done (written or dropped) either way."""
+        try:
+            self._process(batch)
+        finally:
+            with self._cond:
+                self._done += len(batch)
+                self._queued_bytes -= sum(b[2] for b in batch)
+                self._cond.notify_all()
 
     def _build_captures(self, batch: list[tuple]) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
