@@ -378,7 +378,9 @@ class AIStats:
                 match = match_configured(req.method, req.path, rules.path_suffixes)
             if match is None or cfg is None:
                 return
-            headers = dict(first_values(req.headers.fields))
+            headers = dict(first_values(
+                req.headers.fields if rules is not None
+                else _only(req.headers.fields, self._attribution.request_header_bytes)))
             started = Started(flow.id, req.method, req.host, req.port, req.path.split("?", 1)[0],
                               req.timestamp_start, match.api, match.model_from_path,
                               client_name(headers.get("user-agent")),
@@ -416,10 +418,12 @@ class AIStats:
         """Stream or not (once per flow), and the rules' response-header moment; a content type
         the rules do not enable leaves the response unread, as Higress does."""
         st.response_seen = True
-        st.resp_headers = headers = dict(first_values(resp.headers.fields))
+        rules = st.rules
+        st.resp_headers = headers = dict(first_values(
+            resp.headers.fields if rules is not None
+            else _only(resp.headers.fields, _RESPONSE_HEADER_BYTES)))
         ctype = headers.get("content-type")
         st.framer = framing.framer_for(ctype)
-        rules = st.rules
         if rules is not None:
             types = rules.cfg.content_types
             if types and not any(t in (ctype or "").lower() for t in types):
@@ -700,14 +704,27 @@ def _soon(fn: Callable[[], None]) -> None:
         fn()
 
 
+_SECRET_NAMES = frozenset(n.encode() for n in redact.SECRET_HEADERS)
+# The response headers a record reads (when no rules read them all).
+_RESPONSE_HEADER_BYTES = frozenset({b"content-type", b"content-encoding", b"server"})
+
+
+def _only(fields: tuple[tuple[bytes, bytes], ...], names: frozenset[bytes]
+          ) -> list[tuple[bytes, bytes]]:
+    """The header fields of these (lower-case) names: decoding the others would be wasted."""
+    return [f for f in fields if f[0].lower() in names]
+
+
 def _request_meta(flow: http.HTTPFlow, headers: dict[str, str]) -> RequestMeta:
     req = flow.request
     path, _, query = req.path.partition("?")
-    every = [(k.decode("latin-1"), v.decode("utf-8", "replace")) for k, v in req.headers.fields]
+    # Only the credential headers are decoded: the rest carry no secret.
+    creds = [(k.decode("latin-1"), v.decode("utf-8", "replace"))
+             for k, v in req.headers.fields if k.lower() in _SECRET_NAMES]
     return RequestMeta(
         flow_id=flow.id, method=req.method, scheme=req.scheme, host=req.host, port=req.port,
         path=path, t_start=req.timestamp_start, headers=headers,
-        secrets=redact.secrets_of(every, query))
+        secrets=redact.secrets_of(creds, query))
 
 
 def _response_meta(resp: http.Response, headers: dict[str, str]) -> ResponseMeta:

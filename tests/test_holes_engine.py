@@ -124,3 +124,27 @@ def test_redaction_of_every_route_and_key_shapes():
     assert redact.headers([("X-Api-Key", "k"), ("Accept", "a")]) == [
         ("X-Api-Key", "[REDACTED]"), ("Accept", "a")]
     assert redact.query("alt=sse&key=abc&x=1") == "alt=sse&key=[REDACTED]&x=1"
+
+
+def test_record_redaction_reaches_every_text_field_through_the_joined_search():
+    """``Redactor.record`` searches the text fields together first; a secret or key shape in any
+    one field, at its very start or end, must still be replaced in that field alone."""
+    from aistats_engine.record.record import Record
+
+    key, shape = "sk-own-request-key-123456", "AIzaSyB1234567890abcdefghijklmnopqrstu"
+    red = redact.Redactor((key,))
+    for name in redact._TEXT_FIELDS:
+        for value in (key, f"x {key}", shape, f"{shape} y", f"Bearer {key[3:]}"):
+            rec = Record(id=1, flow_id="f", start_time="s", end_time="e", method="POST",
+                         scheme="https", host="h", port=443, path="/v1/chat/completions",
+                         model="gpt-4o")
+            setattr(rec, name, value)
+            red.record(rec)
+            assert getattr(rec, name) == red(value) != value, (name, value)
+            if name != "model":
+                assert rec.model == "gpt-4o"  # the other fields are left as they were
+    clean = Record(id=1, flow_id="f", start_time="s", end_time="e", method="POST",
+                   scheme="https", host="h", port=443, path="/v1/x", error="plain words",
+                   user_agent="sdk/1.0")
+    red.record(clean)
+    assert (clean.path, clean.error, clean.user_agent) == ("/v1/x", "plain words", "sdk/1.0")

@@ -71,10 +71,15 @@ class Attribution:
     responses: ResponsesCounted = field(default_factory=lambda: ResponsesCounted())
     # The request headers a record reads (and the body's encoding): made once, kept per flow.
     header_names: frozenset[str] = field(init=False)
+    # What is decoded of a request's headers when no rules read them (the request reader also
+    # needs the content type): raw names, as mitmproxy holds them.
+    request_header_bytes: frozenset[bytes] = field(init=False)
 
     def __post_init__(self) -> None:
         self.header_names = frozenset((*self.session_headers, self.consumer_header,
                                        "user-agent", "content-encoding"))
+        self.request_header_bytes = frozenset(
+            n.encode("latin-1") for n in (*self.header_names, "content-type"))
 
     def session_of(self, headers: Mapping[str, str]) -> str | None:
         """The first configured session header present (``headers``: case-insensitive)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass, field
 from datetime import datetime, UTC
 from typing import Any
@@ -92,8 +93,7 @@ class Record:
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of record.md (``schema`` first, internal fields left out)."""
         out: dict[str, Any] = {"schema": SCHEMA}
-        for f in LOGGED_FIELDS:
-            out[f] = getattr(self, f)
+        out.update(zip(LOGGED_FIELDS, _logged_values(self)))
         if self.log_fields:
             out.update(self.log_fields)
         return out
@@ -102,6 +102,7 @@ class Record:
 _INTERNAL_FIELDS = frozenset({"content_offsets_ms", "parse_error_kinds", "log_fields",
                               "span_attributes", "span_content_attributes", "higress_counted"})
 LOGGED_FIELDS = tuple(f.name for f in dataclasses.fields(Record) if f.name not in _INTERNAL_FIELDS)
+_logged_values = operator.attrgetter(*LOGGED_FIELDS)  # one C call for all of them
 
 
 def rfc3339_ms(ts: float) -> str:
