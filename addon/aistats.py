@@ -555,10 +555,12 @@ class AIStats:
             body = st.observer.body()
             if resp is not None and body is not None and resp.raw_content is None:
                 resp.raw_content = body  # so -w saves the streamed body; the client has it already
+            # The reading is kept with the flow even when the body is: a replay without rules
+            # then takes it instead of reading the body again (rules need the events).
             flow.metadata[METADATA_KEY] = {
                 "v": METADATA_VERSION,
                 "timing": timing.to_plain(),
-                "parsed": parsed.to_plain() if body is None else None,
+                "parsed": parsed.to_plain(),
             }
             return timing, parsed
         if resp is None:
@@ -567,7 +569,8 @@ class AIStats:
         md = flow.metadata.get(METADATA_KEY) if not flow.live else None
         if isinstance(md, dict) and md.get("v") in (1, METADATA_VERSION):
             timing = StreamTiming.from_plain(md.get("timing") or {})
-            if md.get("parsed") and md.get("v") == METADATA_VERSION:
+            if (md.get("parsed") and md.get("v") == METADATA_VERSION
+                    and (st.rules is None or resp.raw_content is None)):
                 parsed = Parsed.from_plain(md["parsed"])
         if parsed is None:
             parsed = self._parse_stored(st, flow)

@@ -49,7 +49,7 @@ def test_stream_record_timings_and_metadata(env):
     assert f.response.raw_content == OPENAI_CHAT  # restored, so -w files are complete
     md = f.metadata["aistats"]
     json.dumps(md)  # plain types only
-    assert md["timing"]["content_events"] == 2 and md["parsed"] is None
+    assert md["timing"]["content_events"] == 2 and md["parsed"]["usage"][:2] == [12, 3]
 
 
 def test_replay_identical_and_foreign_flow_has_null_stream_timings(env):
@@ -64,6 +64,13 @@ def test_replay_identical_and_foreign_flow_has_null_stream_timings(env):
     foreign = cap.records[2]
     assert (foreign["ttft_ms"], foreign["chunks"], foreign["decode_ms"]) == (None, None, None)
     assert foreign["output_tokens"] == 3 and foreign["duration_ms"] == cap.records[0]["duration_ms"]
+    # The live reading is kept with the flow: a replay takes it, not the body, which is then
+    # not read again (here it says something else, and the record still says the live reading).
+    g3 = roundtrip(f)
+    g3.response.raw_content = OPENAI_CHAT.replace(b'"completion_tokens": 3', b'"completion_tokens": 9')
+    assert g3.response.raw_content != OPENAI_CHAT
+    run_replay(addon, g3)
+    assert drop_ids(cap.records[3]) == drop_ids(cap.records[0])
 
 
 def test_exception_in_stream_never_drops_a_chunk(env, monkeypatch, caplog):
