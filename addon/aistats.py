@@ -132,6 +132,7 @@ class AIStats:
         self._replay = _ReplayProgress(self)  # `mitmdump -nr`: progress on the terminal
         self._unbuilt: list[Callable[[], Finished]] = []  # read, record not made yet
         self._unpublished: list[Finished] = []  # made, not yet given to the outputs
+        self._offline = False  # reading a flow file, and exiting when it is read (_offline_run)
 
     # -- options ---------------------------------------------------------------------------
     def load(self, loader: Any) -> None:
@@ -144,6 +145,8 @@ class AIStats:
             return
         from mitmproxy import ctx
 
+        if not self._running:
+            self._offline = _offline_run(ctx.options)
         try:
             new = settings.parse({spec.name: getattr(ctx.options, spec.name)
                                   for spec in settings.OPTIONS})
@@ -175,7 +178,8 @@ class AIStats:
             if changed(_store_part):
                 built["store"] = self._build_store(new)
             if changed(_metrics_part):
-                built["metrics"] = self._build_metrics(new) if new.metrics else None
+                built["metrics"] = (self._build_metrics(new) if new.metrics and not self._offline
+                                    else None)
             if self._running and (old is None or self._web_part(old) != self._web_part(new)):
                 self._serve(new)
         except settings.SettingsError:
@@ -241,8 +245,8 @@ class AIStats:
         ), inflight=self._flows.__len__, overhead=lambda: self.overhead)
 
     def _build_store(self, new: settings.Settings) -> Store | None:
-        if not new.ui:
-            return None
+        if not new.ui or (self._offline and not new.store_path):
+            return None  # (an in-memory store of an offline run would be gone unread)
         path = str(Path(new.store_path).expanduser()) if new.store_path else None
         try:
             store = Store(path, max_rows=new.store_rows, max_age_s=new.store_max_age,
@@ -321,7 +325,11 @@ class AIStats:
     def running(self) -> None:
         if self.settings is not None:
             log.info("aistats: %s", self.settings.describe())
-            self._serve(self.settings)
+            if self._offline:
+                log.info("aistats: offline replay: no UI, API, /metrics or in-memory store (the "
+                         "process exits when the file is read; keepserving=true keeps them)")
+            else:
+                self._serve(self.settings)
             self._watcher = asyncio.get_running_loop().create_task(self._watch_config())
         self._running = True
 
@@ -693,6 +701,14 @@ class _Guard:
             self._addon._report(self._flow_id, self._hook, exc)
             return True
         return False
+
+
+def _offline_run(options: Any) -> bool:
+    """``mitmdump -nr FILE``: no proxy server, and mitmdump exits once the file is read (its
+    keepserving addon; mitmweb, which has none, keeps serving). Nothing can look at the UI, the
+    API or /metrics of such a run, or at an in-memory store after it: they are not made."""
+    return (bool(getattr(options, "rfile", None)) and not getattr(options, "server", True)
+            and not getattr(options, "keepserving", True))
 
 
 def _call_now(fn: Callable[[], None]) -> None:
