@@ -18,7 +18,7 @@ import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from collections.abc import Callable
 
 from mitmproxy import exceptions, http
@@ -48,12 +48,14 @@ from aistats_engine.record.problems import INTERNAL, Problem  # noqa: E402
 from aistats_engine.rules import config as rules_config  # noqa: E402
 from aistats_engine.rules.engine import FlowRules  # noqa: E402
 from aistats_engine.web.events import EventHub  # noqa: E402
-from aistats_engine.web.server import WebServer  # noqa: E402
 from aistats_engine.wire import framing  # noqa: E402
 from aistats_engine.wire.format import Match  # noqa: E402
 from aistats_engine.wire.formats import match_api, match_configured  # noqa: E402
 from aistats_engine.wire.reader import RequestInfo, read_request  # noqa: E402
 from aistats_engine.wire.usage import Usage  # noqa: E402
+
+if TYPE_CHECKING:
+    from aistats_engine.web.server import WebServer
 
 log = logging.getLogger("aistats")
 
@@ -274,6 +276,8 @@ class AIStats:
             if old is not None:
                 old.stop()
             return
+        from aistats_engine.web.server import WebServer  # tornado only when something is served
+
         port = cfg.metrics_port or (old.port if old is not None else 0)  # 0: keep the one we have
         if old is not None and (old.host, old.port) == (cfg.metrics_host, port):
             old.stop()  # the same address: it must be free before the new one binds

@@ -27,7 +27,8 @@ from aistats_engine.outputs.bus import Finished, Started
 from aistats_engine.outputs.captures import CaptureCache
 from aistats_engine.outputs.store import SESSION_SORT_KEYS, SORT_KEYS, Store
 from aistats_engine.record.record import Record, rfc3339_ms
-from aistats_engine.web import EventHub, WebServer
+from aistats_engine.web.events import EventHub
+from aistats_engine.web.server import WebServer
 from aistats_engine.web import params
 
 SECRET = "sk-test-webapi-SECRET-0123456789abcdef"

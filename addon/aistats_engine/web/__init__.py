@@ -2,10 +2,6 @@
 
 ``server.WebServer`` serves them from a thread and an asyncio loop of its own (tornado);
 ``events.EventHub`` is the bus output that feeds the live events; ``params`` checks the API's
-query parameters. Nothing here imports mitmproxy.
+query parameters. Nothing here imports mitmproxy. Import them from their modules: the server
+(tornado) is only imported when something is served.
 """
-
-from .events import EventHub
-from .server import WebServer
-
-__all__ = ["EventHub", "WebServer"]
