@@ -727,7 +727,6 @@ def _soon(fn: Callable[[], None]) -> None:
         fn()
 
 
-_SECRET_NAMES = frozenset(n.encode() for n in redact.SECRET_HEADERS)
 # The response headers a record reads (when no rules read them all).
 _RESPONSE_HEADER_BYTES = frozenset({b"content-type", b"content-encoding", b"server"})
 
@@ -741,13 +740,10 @@ def _only(fields: tuple[tuple[bytes, bytes], ...], names: frozenset[bytes]
 def _request_meta(flow: http.HTTPFlow, headers: dict[str, str]) -> RequestMeta:
     req = flow.request
     path, _, query = req.path.partition("?")
-    # Only the credential headers are decoded: the rest carry no secret.
-    creds = [(k.decode("latin-1"), v.decode("utf-8", "replace"))
-             for k, v in req.headers.fields if k.lower() in _SECRET_NAMES]
     return RequestMeta(
         flow_id=flow.id, method=req.method, scheme=req.scheme, host=req.host, port=req.port,
         path=path, t_start=req.timestamp_start, headers=headers,
-        secrets=redact.secrets_of(creds, query))
+        secrets=redact.secrets_of(redact.credential_pairs(req.headers.fields), query))
 
 
 def _response_meta(resp: http.Response, headers: dict[str, str]) -> ResponseMeta:

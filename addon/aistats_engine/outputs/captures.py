@@ -101,11 +101,11 @@ def _text_or_b64(body: bytes, secrets: tuple[bytes, ...]) -> tuple[bytes | None,
 
 def _header_map(pairs: list[tuple[str, str]], red: redact.Redactor,
                 drop: frozenset[str] = frozenset()) -> dict[str, str]:
-    return {k: red(v) for k, v in pairs if k.lower() not in drop}
+    kept = [(k, v) for k, v in pairs if k.lower() not in drop]
+    return dict(zip([k for k, _ in kept], red.many([v for _, v in kept])))
 
 
-def _all_pairs(fields) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1"), v.decode("utf-8", "replace")) for k, v in fields]
+_SET_COOKIE = frozenset({b"set-cookie"})  # a response's own secrets
 
 
 def build_capture(event: Finished, parts: frozenset[str], max_body: int) -> dict[str, Any] | None:
@@ -144,8 +144,8 @@ def _capture(event: Finished, parts: frozenset[str], max_body: int) -> dict[str,
         if "resp_body" not in parts:
             resp_body = None
 
-    secret_pairs = _all_pairs(event.request_fields) + [
-        p for p in _all_pairs(event.response_fields) if p[0].lower() == "set-cookie"]
+    secret_pairs = (redact.credential_pairs(event.request_fields)
+                    + redact.credential_pairs(event.response_fields, _SET_COOKIE))
     secrets = redact.secrets_of(secret_pairs, event.query)
     red = redact.Redactor(secrets)
     secret_bytes = tuple(s.encode("utf-8") for s in secrets)

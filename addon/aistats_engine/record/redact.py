@@ -13,7 +13,7 @@ import base64
 import binascii
 import operator
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -25,6 +25,7 @@ REDACTED = "[REDACTED]"
 SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key",
                             "x-goog-api-key", "api-key", "cookie", "set-cookie"})
 SECRET_PARAMS = frozenset({"key", "api_key", "api-key", "apikey", "access_token"})
+SECRET_HEADER_BYTES = frozenset(n.encode() for n in SECRET_HEADERS)  # as mitmproxy holds names
 MIN_SECRET = 8  # shorter values are not searched for in text (they would match by chance)
 
 # Key shapes worth catching even when the request did not carry them (a key in a prompt
@@ -75,6 +76,14 @@ def secrets_of(headers: Iterable[tuple[str, str]], query: str) -> tuple[str, ...
     return tuple(sorted((s for s in found if len(s) >= MIN_SECRET), key=len, reverse=True))
 
 
+def credential_pairs(fields: Iterable[tuple[bytes, bytes]],
+                     names: frozenset[bytes] = SECRET_HEADER_BYTES) -> list[tuple[str, str]]:
+    """The raw header fields of credential headers (``names``, lower-case), decoded for
+    ``secrets_of``: the other headers carry no secret, and decoding them would be wasted."""
+    return [(k.decode("latin-1"), v.decode("utf-8", "replace")) for k, v in fields
+            if k.lower() in names]
+
+
 def headers(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """Header pairs with the credential headers' values replaced."""
     return [(k, REDACTED if k.lower() in SECRET_HEADERS else v) for k, v in pairs]
@@ -111,6 +120,15 @@ class Redactor:
                 text = text.replace(s, REDACTED)
         return text
 
+    def many(self, values: Sequence[str | None]) -> Sequence[str | None]:
+        """Each value redacted (None and "" kept); ``values`` itself when none holds a secret.
+        They are searched together first: most hold none, and one pass over their joined text
+        costs less than one each (a match in a value is a match in the joined text, as the
+        separator is no word, space or key character)."""
+        if not self._found("\x00".join([v for v in values if v])):
+            return values
+        return [self(v) if v else v for v in values]
+
     def _found(self, text: str) -> bool:
         return any(s in text for s in self._secrets) or _SHAPES.search(text) is not None
 
@@ -130,15 +148,12 @@ class Redactor:
             return clean
 
     def record(self, rec: Record) -> None:
-        """Redact the record's text fields and attribute values in place. The fields are
-        searched together first: most records hold no secret, and one pass over their joined
-        text costs less than one per field (a match in a field is a match in the joined text;
-        the separator is no word, space or key character)."""
+        """Redact the record's text fields and attribute values in place."""
         values = _text_values(rec)
-        if self._found("\x00".join([v for v in values if v])):
-            for name, v in zip(_TEXT_FIELDS, values):
-                if v:
-                    setattr(rec, name, self(v))
+        clean = self.many(values)
+        if clean is not values:
+            for name, v in zip(_TEXT_FIELDS, clean):
+                setattr(rec, name, v)
         for d in (rec.attributes, rec.log_fields, rec.span_attributes,
                   rec.span_content_attributes):
             for k, v in d.items():
