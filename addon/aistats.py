@@ -93,11 +93,12 @@ class _FlowState:
     """What we keep for one LLM flow between its hooks. (A plain class: mitmproxy executes
     this file without registering it in sys.modules, which dataclasses need.)"""
 
-    __slots__ = ("match", "started", "request_info", "framer", "observer", "failed", "rules",
-                 "response_seen", "req_headers", "resp_headers")
+    __slots__ = ("addon", "match", "started", "request_info", "framer", "observer", "failed",
+                 "rules", "response_seen", "req_headers", "resp_headers")
 
-    def __init__(self, match: Match, started: Started, rules: FlowRules | None,
+    def __init__(self, addon: AIStats, match: Match, started: Started, rules: FlowRules | None,
                  req_headers: dict[str, str]) -> None:
+        self.addon = addon
         self.match = match
         # Header text by lower-cased name, first value, made once: mitmproxy's Headers.get
         # costs microseconds a call, and a record needs a dozen lookups.
@@ -110,6 +111,29 @@ class _FlowState:
         self.failed: list[Problem] = []  # our own exceptions while reading this flow
         self.rules = rules  # the attribute rules' state, when a configuration is loaded
         self.response_seen = False  # the response-header moment has been handled
+
+    # The stream: methods of the flow's state rather than closures, which would hold a dozen
+    # cells and two function objects per open stream.
+    def observe(self, chunk: bytes) -> bytes:
+        """The ``flow.response.stream`` callable: returns every chunk as it came. Reading
+        happens in ``drain``, scheduled to run after the chunk has been forwarded. Not timed
+        into the overhead: keeping a chunk costs less than timing it would."""
+        if chunk and not self.failed:
+            try:
+                if self.observer.feed(chunk, time.time()):  # type: ignore[union-attr]
+                    _soon(self.drain)
+            except Exception as e:  # never drop or delay a chunk for our failure
+                self.addon._failed(self.started.flow_id, self, "stream", e)
+        return chunk
+
+    def drain(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            if not self.failed and self.observer.drain(DRAIN_LIMIT):  # type: ignore[union-attr]
+                _soon(self.drain)  # more kept: let other connections go first
+        except Exception as e:
+            self.addon._failed(self.started.flow_id, self, "stream", e)
+        self.addon.overhead += time.perf_counter() - t0
 
 
 class AIStats:
@@ -398,7 +422,7 @@ class AIStats:
                               client_name(headers.get("user-agent")),
                               self._attribution.session_of(headers))
             self._flows[flow.id] = _FlowState(
-                match, started,
+                self, match, started,
                 FlowRules(rules, match.api, cfg.max_attribute_bytes) if rules else None, headers)
             while len(self._flows) > cfg.max_inflight:
                 dropped, _ = self._flows.popitem(last=False)
@@ -424,7 +448,7 @@ class AIStats:
                 return  # a whole body, a replay, a response the rules skip, or another
                 # addon already owns the stream
             st.observer = self._stream_observer(st, flow)
-            resp.stream = self._stream_fn(flow.id, st)
+            resp.stream = st.observe
 
     def _response_headers(self, st: _FlowState, resp: http.Response) -> None:
         """Stream or not (once per flow), and the rules' response-header moment; a content type
@@ -454,41 +478,6 @@ class AIStats:
         if st.rules is not None and st.rules.wants_events:
             observer.reader.tap = st.rules.event
         return observer
-
-    def _stream_fn(self, flow_id: str, st: _FlowState) -> Callable[[bytes], bytes]:
-        """The ``flow.response.stream`` callable: returns every chunk as it came. Reading
-        happens in ``drain``, scheduled to run after the chunk has been forwarded."""
-        observer = st.observer
-        assert observer is not None
-        now = time.time
-        clock = time.perf_counter
-        try:
-            call_soon: Callable[[Callable[[], None]], object] = asyncio.get_running_loop().call_soon
-        except RuntimeError:  # no event loop (driven directly, as in unit tests): drain at once
-            call_soon = _call_now
-
-        def drain() -> None:
-            t0 = clock()
-            try:
-                if not st.failed and observer.drain(DRAIN_LIMIT):
-                    call_soon(drain)  # more kept: let other connections go first
-            except Exception as e:
-                self._failed(flow_id, st, "stream", e)
-            self.overhead += clock() - t0
-
-        feed = observer.feed
-
-        def observe(chunk: bytes) -> bytes:
-            # Not timed into ``overhead``: keeping a chunk costs less than timing it would.
-            if chunk and not st.failed:
-                try:
-                    if feed(chunk, now()):
-                        call_soon(drain)
-                except Exception as e:  # never drop or delay a chunk for our failure
-                    self._failed(flow_id, st, "stream", e)
-            return chunk
-
-        return observe
 
     def response(self, flow: http.HTTPFlow) -> None:
         if not flow.live and flow.error is not None:
@@ -713,10 +702,6 @@ def _offline_run(options: Any) -> bool:
     API or /metrics of such a run, or at an in-memory store after it: they are not made."""
     return (bool(getattr(options, "rfile", None)) and not getattr(options, "server", True)
             and not getattr(options, "keepserving", True))
-
-
-def _call_now(fn: Callable[[], None]) -> None:
-    fn()
 
 
 def _soon(fn: Callable[[], None]) -> None:
