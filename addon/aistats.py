@@ -16,7 +16,7 @@ import logging
 import sqlite3
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from collections.abc import Callable
@@ -156,8 +156,8 @@ class AIStats:
         self.overhead = 0.0  # seconds spent in our hooks, in total
         self.records_written = 0
         self._replay = _ReplayProgress(self)  # `mitmdump -nr`: progress on the terminal
-        self._unbuilt: list[Callable[[], Finished]] = []  # read, record not made yet
-        self._unpublished: list[Finished] = []  # made, not yet given to the outputs
+        self._unbuilt: deque[Callable[[], Finished]] = deque()  # read, record not made yet
+        self._unpublished: deque[Finished] = deque()  # made, not yet given to the outputs
         self._offline = False  # reading a flow file, and exiting when it is read (_offline_run)
 
     # -- options ---------------------------------------------------------------------------
@@ -590,31 +590,55 @@ class AIStats:
 
     def _emit(self, build: Callable[[], Finished]) -> None:
         """Make the record and hand it to the outputs on later loop turns when there is a
-        loop: the end of a stream is then three short stretches of work (read, record,
-        outputs) instead of one long one, which is what other connections' chunks wait for."""
+        loop, one record a turn: the end of a stream is then short stretches of work (read,
+        record, outputs) instead of one long one, and streams that end together do not add
+        their stretches up, which is what other connections' chunks wait for."""
         self.records_written += 1
         self._unbuilt.append(build)
         if len(self._unbuilt) == 1:
-            _soon(self._build_pending)
+            _soon(self._build_next)
         elif len(self._unbuilt) >= MAX_PENDING:
             self._build_pending()  # the loop is not turning (replay): now, not later
 
-    def _build_pending(self) -> None:
+    def _build_next(self) -> None:
+        """One record, then the next on the next loop turn."""
+        if not self._unbuilt:
+            return  # made meanwhile (_build_pending)
         t0 = time.perf_counter()
-        builds, self._unbuilt = self._unbuilt, []
-        events = [build() for build in builds]
-        self._unpublished.extend(events)
-        if len(self._unpublished) >= MAX_PENDING:
+        self._add_unpublished(self._unbuilt.popleft()())
+        if self._unbuilt:
+            _soon(self._build_next)
+        self.overhead += time.perf_counter() - t0
+
+    def _build_pending(self) -> None:
+        """Every record read and not made yet, now (replay without loop turns, exit)."""
+        t0 = time.perf_counter()
+        while self._unbuilt:
+            self._add_unpublished(self._unbuilt.popleft()())
+        self.overhead += time.perf_counter() - t0
+
+    def _add_unpublished(self, event: Finished) -> None:
+        self._unpublished.append(event)
+        if len(self._unpublished) == 1:
+            _soon(self._publish_next)
+        elif len(self._unpublished) >= MAX_PENDING:
             self._publish()
-        elif events and len(self._unpublished) == len(events):
-            _soon(self._publish)
+
+    def _publish_next(self) -> None:
+        """One record to the outputs, then the next on the next loop turn."""
+        if not self._unpublished:
+            return  # published meanwhile (_publish)
+        t0 = time.perf_counter()
+        self.bus.finished(self._unpublished.popleft())
+        if self._unpublished:
+            _soon(self._publish_next)
         self.overhead += time.perf_counter() - t0
 
     def _publish(self) -> None:
+        """Every record made and not published yet, now."""
         t0 = time.perf_counter()
-        events, self._unpublished = self._unpublished, []
-        for event in events:
-            self.bus.finished(event)
+        while self._unpublished:
+            self.bus.finished(self._unpublished.popleft())
         self.overhead += time.perf_counter() - t0
 
     # -- failure containment ---------------------------------------------------------------
