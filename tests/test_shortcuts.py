@@ -19,7 +19,7 @@ import pytest
 
 from aistats_engine import observer
 from aistats_engine.observer import StreamObserver
-from aistats_engine.wire import framing
+from aistats_engine.wire import framing, reader, templates
 from aistats_engine.wire.formats import match_api
 from aistats_engine.wire.framing import framer_for
 from aistats_engine.wire.reader import ResponseState
@@ -127,11 +127,14 @@ def _full(api: str, ctype: str, enc: str | None, chunks: list[bytes]):
     return _result(obs, tapped)
 
 
-def _live(api: str, ctype: str, enc: str | None, chunks: list[bytes], limit: int):
+def _live(api: str, ctype: str, enc: str | None, chunks: list[bytes], limit: int,
+          tap: bool = True):
     """The live path: chunks kept, read in batches of about ``limit`` bytes, as the addon
-    drains them (one drain per loop turn, again while some are left)."""
+    drains them (one drain per loop turn, again while some are left). Without a tap (no
+    attribute rules read the stream) plain chunks are also matched by their bytes
+    (wire/templates.py)."""
     obs = StreamObserver(api, framer_for(ctype)(), enc, t_start=0.0)
-    tapped = _tap(obs)
+    tapped = _tap(obs) if tap else []
     due = False
     for i, chunk in enumerate(chunks):
         due |= obs.feed(chunk, 0.001 * (i + 1))
@@ -163,6 +166,8 @@ def test_live_reading_equals_the_full_reading(name, api, ctype, enc, body, monke
         want = _full(api, ctype, enc, chunks)
         for limit in (1 << 20, 512, 1):
             assert _live(api, ctype, enc, chunks, limit) == want, (name, seed, limit)
+            parsed, timing, _ = _live(api, ctype, enc, chunks, limit, tap=False)
+            assert (parsed, timing) == want[:2], (name, seed, limit, "no tap")
 
 
 def test_the_sources_are_all_there():
@@ -199,6 +204,21 @@ def test_the_shortcuts_are_taken(monkeypatch):
     assert timing.content_events == 99 and parsed.usage.output == 100
     assert len(full) == 3  # the first event (ids, model), the finish and the usage chunk
     assert len(tapped) == 102  # ... and the tap (attribute rules) saw every event
+    # Without a tap, the plain chunks after the first one read by the short path are matched
+    # by their bytes (chunk templates), not parsed.
+    parsed_json = []
+    real_loads = reader.orjson.loads
+
+    def loads(data):
+        parsed_json.append(data)
+        return real_loads(data)
+
+    monkeypatch.setattr(reader.orjson, "loads", loads)
+    parsed2, timing2, _ = _live("chat_completions", "text/event-stream", None,
+                                [p + b"\n\n" for p in _bench_stream(100).split(b"\n\n")[:-1]],
+                                4096, tap=False)
+    assert (parsed2, timing2) == (parsed, timing)
+    assert len(parsed_json) == 5  # role chunk, the template's own chunk, finish, usage, [DONE]
 
 
 def test_timestamps_formatted_per_second_equal_datetime():
@@ -227,3 +247,69 @@ def test_client_names_cached_per_user_agent_equal_the_patterns():
                "OpenAI/Python 1.54.0", ""):
         want = next((n for p, n in clients._PATTERNS if ua and p.search(ua)), None)
         assert clients.client_name(ua) == want
+
+
+TEMPLATE_CHUNK = (b'{"id":"chatcmpl-9","object":"chat.completion.chunk","created":1732406400,'
+                  b'"model":"gpt-4o","obfuscation":"xYz","choices":[{"index":0,"delta":'
+                  b'{"content":" hello"},"logprobs":null,"finish_reason":null}],"ts":12.5}')
+
+
+def test_chunk_template_never_claims_what_the_parser_and_short_path_would_not():
+    """Soundness of wire/templates.py: any event the template matches parses (orjson) to an
+    object the short path gives the same verdict for; thousands of mutations of the template's
+    own chunk, with the characters that matter to JSON, try to make it lie."""
+    import orjson
+
+    from aistats_engine.wire.formats.openai import _short, _template_key
+
+    obj = orjson.loads(TEMPLATE_CHUNK)
+    tpl = templates.learn(TEMPLATE_CHUNK, obj, _template_key(obj))
+    assert tpl is not None and tpl.verdict(TEMPLATE_CHUNK) is True
+    same = TEMPLATE_CHUNK.replace(b'" hello"', b'""').replace(b'"xYz"', b'"q"').replace(
+        b"1732406400", b"1732406401").replace(b"12.5", b"-3")
+    assert tpl.verdict(same) is False  # empty text: no content, other holes filled anew
+    rng = random.Random(5)
+    alphabet = [bytes([c]) for c in b'"\\{}[],:0123456789.eE-+ uabn\x00\x1f\x7f'] + [
+        b"\xc3\xa9", b"\xff", b"\xc3", b"null", b"true", b'"usage":{"x":1},', b"\\u0022"]
+    checked = matched = 0
+    for _ in range(20000):
+        data = bytearray(TEMPLATE_CHUNK)
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(data) + 1)
+            op = rng.random()
+            if op < 0.4:
+                data[at:at] = rng.choice(alphabet)
+            elif op < 0.7:
+                del data[at:at + rng.randint(1, 3)]
+            else:
+                data[at:at + 1] = rng.choice(alphabet)
+        data = bytes(data)
+        got = tpl.verdict(data)
+        checked += 1
+        if got is None:
+            continue
+        matched += 1
+        parsed = orjson.loads(data)  # must not raise: a matching event is valid JSON
+        assert parsed.__class__ is dict and _short(parsed) is got, data
+    assert matched > 1000, (checked, matched)  # the mutations did reach the holes
+
+
+def test_chunk_templates_are_not_learned_where_the_bytes_could_mislead():
+    import orjson
+
+    from aistats_engine.wire.formats.openai import _template_key
+
+    def learned(data: bytes):
+        obj = orjson.loads(data)
+        key = _template_key(obj)
+        return None if key is None else templates.learn(data, obj, key)
+
+    assert learned(TEMPLATE_CHUNK) is not None
+    escaped = TEMPLATE_CHUNK.replace(b'"model"', b'"mod\\u0065l"')
+    assert learned(escaped) is None  # a key behind an escape
+    twice = TEMPLATE_CHUNK.replace(b'"ts":12.5', b'"ts":12.5,"x":{"content":"y"}')
+    assert learned(twice) is None  # the text's key is not unique
+    quoted = TEMPLATE_CHUNK.replace(b'" hello"', b'"say \\"hi\\""')
+    assert learned(quoted) is None  # the text holds an escape
+    tools = TEMPLATE_CHUNK.replace(b'{"content":" hello"}', b'{"content":"","tool_calls":[{}]}')
+    assert learned(tools) is None  # the verdict would not be the text's alone

@@ -70,6 +70,10 @@ class WireFormat:
     # Plain delta events: True/False (content or not) when the event can change nothing else,
     # None when it must be read in full. Checked equal to the full reading in the tests.
     short: ClassVar[Callable[[dict], bool | None] | None] = None
+    # For a plain event (``short`` gave a verdict): the key whose string value alone varies
+    # between such chunks and decides their verdict (non-empty: content), or None. Lets later
+    # chunks be recognised by their bytes (wire/templates.py).
+    template_key: ClassVar[Callable[[dict], bytes | None] | None] = None
 
     @property
     def has_rounds(self) -> bool:

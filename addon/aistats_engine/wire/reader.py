@@ -19,6 +19,7 @@ import orjson
 from ..record import errors
 from ..record.problems import INVALID_REQUEST, Problem
 from .decoding import DecodeError, decode_body
+from . import templates
 from .format import Match, WireFormat
 from .usage import ServerStats, Usage
 
@@ -206,7 +207,8 @@ class ResponseState:
 
     __slots__ = ("fmt", "usage", "stats", "finish_reason", "response_model", "chat_id", "error",
                  "error_type", "hints", "events", "invalid_events", "complete", "primed",
-                 "fast", "_short", "tap", "counted_tokens", "counted_invalid", "response_status")
+                 "fast", "_short", "tap", "counted_tokens", "counted_invalid", "response_status",
+                 "_template", "_learned")
 
     def __init__(self, fmt: WireFormat) -> None:
         self.fmt = fmt
@@ -227,6 +229,8 @@ class ResponseState:
         self.primed = False  # one event went through the full reading (ids, model)
         self.fast = True  # let plain delta events take the format's short path
         self._short = fmt.short
+        self._template: templates.ChunkTemplate | None = None  # the plain chunk's bytes
+        self._learned = 0
         # Sees every parsed event (the attribute rules that read the stream); None: no cost.
         self.tap: Callable[[str | None, dict], None] | None = None
 
@@ -275,8 +279,17 @@ class ResponseState:
         add = out.append
         loads = orjson.loads
         tap = self.tap
+        # Chunk templates (wire/templates.py) when nothing needs the parsed events (a tap does).
+        key = self.fmt.template_key if tap is None else None
+        template = self._template
         plain = 0
         for data in datas:
+            if template is not None:
+                verdict = template.verdict(data)
+                if verdict is not None:
+                    plain += 1
+                    add(verdict)
+                    continue
             if self.primed:
                 try:
                     obj = loads(data)
@@ -292,6 +305,11 @@ class ResponseState:
                         verdict = self._read_object(None, obj)
                     else:
                         plain += 1
+                        if key is not None and self._learned < templates.MAX_LEARNED:
+                            word = key(obj)
+                            if word is not None:
+                                self._learned += 1
+                                template = self._template = templates.learn(data, obj, word)
                     add(verdict)
                     continue
             add(self.on_event(None, data))

@@ -47,12 +47,31 @@ def _short(obj: dict) -> bool | None:
     return content
 
 
+_OTHER_CONTENT = ("reasoning_content", "reasoning", "tool_calls", "function_call", "refusal")
+
+
+def _template_key(obj: dict) -> bytes | None:
+    """One choice whose content verdict is its delta's ``content`` (or a completion's
+    ``text``) alone: the key a chunk template may vary (wire/templates.py)."""
+    choices = obj.get("choices")
+    if choices.__class__ is not list or len(choices) != 1:
+        return None
+    c = choices[0]
+    d = c.get("delta")
+    if d.__class__ is dict:
+        if c.get("text") or any(d.get(k) for k in _OTHER_CONTENT):
+            return None
+        return b"content" if d.get("content").__class__ is str else None
+    return b"text" if d is None and c.get("text").__class__ is str else None
+
+
 class ChatCompletions(WireFormat):
     api = "chat_completions"
     operation = "chat"
     fallback_provider = "openai"
     suffixes = ("/chat/completions",)
     short = staticmethod(_short)
+    template_key = staticmethod(_template_key)
 
     def event(self, state: ResponseState, name: str | None, obj: dict) -> bool:
         state.common(obj)
