@@ -76,10 +76,10 @@ class Finished:
 
     def request_headers(self, lower: bool = True) -> list[tuple[str, str]]:
         """Redacted pairs, first value per name (lower-cased, or as first spelled)."""
-        return redact.headers(first_values(self.request_fields, lower))
+        return first_values(self.request_fields, lower, redacted=True)
 
     def response_headers(self, lower: bool = True) -> list[tuple[str, str]]:
-        return redact.headers(first_values(self.response_fields, lower))
+        return first_values(self.response_fields, lower, redacted=True)
 
     def redacted_query(self) -> str:
         return redact.query(self.query)
@@ -101,15 +101,19 @@ def _decoded(raw: bytes | None, encoding: str | None, max_bytes: int) -> bytes |
     return decode_body(raw, encoding, max_bytes)
 
 
-def first_values(fields: HeaderFields, lower: bool = True) -> list[tuple[str, str]]:
+def first_values(fields: HeaderFields, lower: bool = True,
+                 redacted: bool = False) -> list[tuple[str, str]]:
     """Header pairs as text, the first value per name (compared without case); the name
-    lower-cased, or as the first occurrence spells it."""
+    lower-cased, or as the first occurrence spells it; with ``redacted``, the credential
+    headers' values replaced (and not decoded)."""
     out: dict[str, tuple[str, str]] = {}
+    secret = redact.SECRET_HEADERS if redacted else ()
     for k, v in fields:
         name = k.decode("latin-1")
         key = name.lower()
         if key not in out:
-            out[key] = (key if lower else name, v.decode("utf-8", "replace"))
+            out[key] = (key if lower else name,
+                        redact.REDACTED if key in secret else v.decode("utf-8", "replace"))
     return list(out.values())
 
 

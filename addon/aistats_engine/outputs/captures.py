@@ -101,7 +101,7 @@ def _text_or_b64(body: bytes, secrets: tuple[bytes, ...]) -> tuple[bytes | None,
 
 def _header_map(pairs: list[tuple[str, str]], red: redact.Redactor,
                 drop: frozenset[str] = frozenset()) -> dict[str, str]:
-    kept = [(k, v) for k, v in pairs if k.lower() not in drop]
+    kept = [(k, v) for k, v in pairs if k.lower() not in drop] if drop else pairs
     return dict(zip([k for k, _ in kept], red.many([v for _, v in kept])))
 
 

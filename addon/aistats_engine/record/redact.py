@@ -3,8 +3,8 @@ wherever it reappears (an upstream echoing the key in its error message), plus w
 shapes in free text.
 
 Every output reads the record, so redacting the record's text fields once (``Redactor.record``)
-covers the log, metrics labels, the summary line and later spans and UI; headers and URLs that
-outputs show are redacted with ``headers`` and ``query``.
+covers the log, metrics labels, the summary line and later spans and UI; headers that outputs
+show are redacted as they are decoded (``outputs/bus.first_values``), URLs with ``query``.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ MIN_SECRET = 8  # shorter values are not searched for in text (they would match 
 # Key shapes worth catching even when the request did not carry them (a key in a prompt
 # echoed back, another tenant's key in an error): OpenAI/Anthropic ``sk-…``, Google ``AIza…``,
 # AWS access key ids, Groq, xAI, Hugging Face, GitHub tokens, and bearer tokens.
+# (The lookahead names every alternative's first letter: most positions fail there, fast.)
 _SHAPES = re.compile(
-    r"\bsk-[A-Za-z0-9_\-]{16,}|\bAIza[0-9A-Za-z_\-]{30,}|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"
-    r"|\bgsk_[A-Za-z0-9]{20,}|\bxai-[A-Za-z0-9]{20,}|\bhf_[A-Za-z0-9]{20,}"
-    r"|\bgh[pousr]_[A-Za-z0-9]{30,}|\b[Bb]earer\s+[A-Za-z0-9._~+/\-]{12,}=*")
+    r"(?=[sAgxhBb])(?:\bsk-[A-Za-z0-9_\-]{16,}|\bAIza[0-9A-Za-z_\-]{30,}"
+    r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bgsk_[A-Za-z0-9]{20,}|\bxai-[A-Za-z0-9]{20,}"
+    r"|\bhf_[A-Za-z0-9]{20,}"
+    r"|\bgh[pousr]_[A-Za-z0-9]{30,}|\b[Bb]earer\s+[A-Za-z0-9._~+/\-]{12,}=*)")
 
 # Record fields that carry text from the traffic.
 _TEXT_FIELDS = ("path", "error", "parse_error", "user_agent", "session_id", "consumer", "model",
@@ -82,11 +84,6 @@ def credential_pairs(fields: Iterable[tuple[bytes, bytes]],
     ``secrets_of``: the other headers carry no secret, and decoding them would be wasted."""
     return [(k.decode("latin-1"), v.decode("utf-8", "replace")) for k, v in fields
             if k.lower() in names]
-
-
-def headers(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Header pairs with the credential headers' values replaced."""
-    return [(k, REDACTED if k.lower() in SECRET_HEADERS else v) for k, v in pairs]
 
 
 def query(text: str) -> str:
