@@ -94,8 +94,11 @@ async def _live(addon: aistats.AIStats, f: http.HTTPFlow, status: int, headers: 
     else:
         f.response.timestamp_end = clock[0] + 0.001
         addon.response(f)
-    for _ in range(3):  # the record is made, then published, on later loop turns
-        await asyncio.sleep(0)
+    await asyncio.sleep(aistats.GATHER_S)  # records are made together, a little later
+    for _ in range(200):  # (bounded) then in slices, one per loop turn
+        if not addon._gathering:
+            break
+        await asyncio.sleep(0.001)
     f.live = False
 
 

@@ -58,14 +58,16 @@ def total(smp: Samples, name: str, **labels: str) -> float:
 
 
 def wait_records(url: str, n: float) -> Samples:
-    """Scrape until ``aistats_records_total`` sums to ``n`` (bounded); the last scrape's samples."""
+    """Scrape until ``aistats_records_total`` sums to ``n`` (bounded), then once more: one
+    scrape reads the families one after another, so the one that saw the last record may have
+    read another family (e.g. the label-overflow counter) before that record was counted."""
     deadline = time.monotonic() + WAIT_S
     got = -1.0
     while time.monotonic() < deadline:
         smp = samples(scrape(url))
         got = total(smp, "aistats_records_total")
         if got == n:
-            return smp
+            return samples(scrape(url))
         assert got < n, f"aistats_records_total = {got}, more than {n}"
         time.sleep(0.05)
     raise AssertionError(f"aistats_records_total = {got}, want {n} (after {WAIT_S} s)")

@@ -244,7 +244,7 @@ def test_replay_without_loop_turns_keeps_pending_records_bounded():
 
     from flowkit import set_response
     addon, ctx, cap = new_addon()
-    most = [0, 0]
+    most = [0]
 
     async def replay_all() -> None:
         for i in range(5 * aistats.MAX_PENDING):  # no await: the loop never turns
@@ -254,7 +254,6 @@ def test_replay_without_loop_turns_keeps_pending_records_bounded():
             f.response.timestamp_end = 1.0
             run_replay(addon, f)
             most[0] = max(most[0], len(addon._unbuilt))
-            most[1] = max(most[1], len(addon._unpublished))
         published_before_turn = len(cap.records)
         for _ in range(3):
             await asyncio.sleep(0)
@@ -264,6 +263,6 @@ def test_replay_without_loop_turns_keeps_pending_records_bounded():
         asyncio.run(replay_all())
     finally:
         ctx.__exit__(None, None, None)
-    assert most[0] < aistats.MAX_PENDING and most[1] < aistats.MAX_PENDING
+    assert most[0] < aistats.MAX_PENDING
     assert [r["model"] for r in cap.records] == ["m%d" % i for i in range(5 * aistats.MAX_PENDING)]
     assert [r["id"] for r in cap.records] == sorted(r["id"] for r in cap.records)
