@@ -64,7 +64,7 @@ CONFIG_CHECK_SECONDS = 1.0  # how often the rule file is checked for changes
 # Records waiting for a later loop turn, at most: `mitmdump -nr` reads a whole file without
 # yielding to the loop, so without a bound every flow of the file would wait (memory, GC).
 MAX_PENDING = 32
-GATHER_S = 0.05  # a finished record waits this long for others, to be made together
+GATHER_S = 0.2  # a finished record waits at most this long for others, to be made together
 SLICE_S = 0.0003  # record work per loop turn at most (one record may take longer)
 METADATA_VERSION = 2  # v2: Parsed with structured problems (v1 flows replay from their bodies)
 
@@ -160,6 +160,7 @@ class AIStats:
         self._replay = _ReplayProgress(self)  # `mitmdump -nr`: progress on the terminal
         self._unbuilt: deque[Callable[[], Finished]] = deque()  # read, record not made yet
         self._gathering = False  # a _finish_some is scheduled
+        self._timer: asyncio.TimerHandle | None = None  # ... as the end of a gathering
         self._offline = False  # reading a flow file, and exiting when it is read (_offline_run)
 
     # -- options ---------------------------------------------------------------------------
@@ -546,7 +547,7 @@ class AIStats:
             return Finished(rec, req.timestamp_start,
                             t_end if t_end is not None else rec_args[0].t_start, *raw)
 
-        self._emit(build)
+        self._emit(build, flow.live)
 
     def _read_response(self, st: _FlowState, flow: http.HTTPFlow
                        ) -> tuple[StreamTiming | None, Parsed | None]:
@@ -589,22 +590,29 @@ class AIStats:
                           max_body=self.settings.max_body,
                           tap=st.rules.body if st.rules is not None else None)
 
-    def _emit(self, build: Callable[[], Finished]) -> None:
+    def _emit(self, build: Callable[[], Finished], live: bool) -> None:
         """Make the record and hand it to the outputs a little later, together with the
         records that finish meanwhile, in stretches of at most ``SLICE_S``: one record alone
         runs mostly on cold caches (about 5x the time of the next one in the live process),
-        and a stretch bounded in time is what other connections' chunks wait for. Without
-        loop turns (replay), at once when ``MAX_PENDING`` wait."""
+        and a stretch bounded in time is what other connections' chunks wait for. Once
+        ``MAX_PENDING`` wait they go at the next loop turn; in a replay (the loop does not
+        turn), or past twice that, at once."""
         self.records_written += 1
         self._unbuilt.append(build)
-        if len(self._unbuilt) >= MAX_PENDING:
-            self._finish_pending()  # the loop is not turning (replay): now, not later
+        waiting = len(self._unbuilt)
+        if waiting >= MAX_PENDING and (not live or waiting >= 2 * MAX_PENDING):
+            self._finish_pending()
+        elif waiting >= MAX_PENDING and self._timer is not None:
+            self._timer.cancel()  # enough gathered: the next loop turn, in stretches
+            self._timer = None
+            _soon(self._finish_some)
         elif not self._gathering:
             self._gathering = True
-            _later(GATHER_S, self._finish_some)
+            self._timer = _later(GATHER_S, self._finish_some)
 
     def _finish_some(self) -> None:
         """Records made for up to SLICE_S, then given to the outputs; the rest next turn."""
+        self._timer = None
         t0 = time.perf_counter()
         until = t0 + SLICE_S
         made = []
@@ -716,12 +724,14 @@ def _offline_run(options: Any) -> bool:
             and not getattr(options, "keepserving", True))
 
 
-def _later(delay: float, fn: Callable[[], None]) -> None:
-    """After ``delay`` seconds; at once when driven without a loop (unit tests)."""
+def _later(delay: float, fn: Callable[[], None]) -> asyncio.TimerHandle | None:
+    """After ``delay`` seconds; at once when driven without a loop (unit tests: None)."""
     try:
-        asyncio.get_running_loop().call_later(delay, fn)
+        loop = asyncio.get_running_loop()
     except RuntimeError:
         fn()
+        return None
+    return loop.call_later(delay, fn)
 
 
 def _soon(fn: Callable[[], None]) -> None:

@@ -12,6 +12,10 @@ from mitmproxy.test import taddons, tflow, tutils
 
 import aistats  # addon/aistats.py (addon/ is on sys.path via conftest)
 
+# Records are gathered before they are made (aistats.GATHER_S): a short gathering here keeps the
+# unit tests quick; the gathering itself is tested in test_addon.py.
+aistats.GATHER_S = 0.005
+
 
 class Capture:
     """An output on the addon's bus that keeps what it is given (instead of a log file)."""

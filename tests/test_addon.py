@@ -266,3 +266,52 @@ def test_replay_without_loop_turns_keeps_pending_records_bounded():
     assert most[0] < aistats.MAX_PENDING
     assert [r["model"] for r in cap.records] == ["m%d" % i for i in range(5 * aistats.MAX_PENDING)]
     assert [r["id"] for r in cap.records] == sorted(r["id"] for r in cap.records)
+
+
+def test_live_records_gathered_then_made_in_slices_and_bounded(monkeypatch):
+    """Live records wait up to GATHER_S for others; once MAX_PENDING wait they go at the next
+    loop turn (in slices, not inside the hook that finished the last flow); past twice that,
+    at once. Nothing is lost and the order is kept."""
+    import asyncio
+
+    from flowkit import set_response
+    monkeypatch.setattr(aistats, "GATHER_S", 60.0)  # only the bound can start the work here
+    addon, ctx, cap = new_addon()
+    seen: dict[str, int] = {}
+
+    def finish(i: int) -> None:
+        f = make_flow("POST", "/v1/chat/completions", {}, b'{"model":"m%d"}' % i)
+        f.live = True
+        addon.requestheaders(f)
+        set_response(f, 200, {"content-type": "application/json"}, 1.0)
+        addon.responseheaders(f)
+        f.response.raw_content = b'{"choices":[]}'
+        f.response.timestamp_end = 1.0
+        addon.response(f)
+
+    async def run() -> None:
+        for i in range(aistats.MAX_PENDING - 1):
+            finish(i)
+        await asyncio.sleep(0.01)
+        seen["gathering"] = len(cap.records)  # waiting for the (long) gathering
+        for i in range(aistats.MAX_PENDING - 1, 2 * aistats.MAX_PENDING - 1):
+            finish(i)  # the bound is reached: no record made inside these hooks
+        seen["in_hooks"] = len(cap.records)
+        finish(2 * aistats.MAX_PENDING - 1)  # twice the bound: made at once
+        seen["at_twice"] = len(cap.records)
+        for i in range(2 * aistats.MAX_PENDING, 2 * aistats.MAX_PENDING + 5):
+            finish(i)
+        for _ in range(200):  # bounded: slices, one per loop turn
+            if not addon._unbuilt:
+                break
+            await asyncio.sleep(0)
+        seen["after_turns"] = len(cap.records)
+
+    try:
+        asyncio.run(run())
+    finally:
+        ctx.__exit__(None, None, None)
+    n = 2 * aistats.MAX_PENDING + 5
+    assert seen == {"gathering": 0, "in_hooks": 0, "at_twice": 2 * aistats.MAX_PENDING,
+                    "after_turns": n}
+    assert [r["model"] for r in cap.records] == ["m%d" % i for i in range(n)]
