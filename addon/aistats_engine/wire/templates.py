@@ -22,8 +22,8 @@ in tests/test_shortcuts.py.
 
 from __future__ import annotations
 
+import functools
 import re
-from collections import OrderedDict
 
 MAX_LEARNED = 8  # templates learned per stream at most: some chunks are all different
 _CACHE_SIZE = 64  # compiled templates kept, by their bytes outside the holes
@@ -33,7 +33,6 @@ _STRING = re.compile(rb'"' + _STRING_BODY + rb'"')
 _NUMBER = rb'-?(?:0|[1-9][0-9]{0,16})(?:\.[0-9]{1,17})?'
 _NUMBER_RE = re.compile(_NUMBER + rb'(?![0-9.eE])')
 _COLON = re.compile(rb'[ \t\r\n]*:[ \t\r\n]*')
-_compiled: OrderedDict[tuple[bytes, ...], re.Pattern[bytes]] = OrderedDict()
 
 
 class ChunkTemplate:
@@ -83,14 +82,7 @@ def learn(data: bytes, obj: dict, key: bytes) -> ChunkTemplate | None:
         parts.append(b"T" if is_text else (b"S" if data[start] == 0x22 else b"N"))
         pos = end
     parts.append(data[pos:])
-    skeleton = tuple(parts)
-    pattern = _compiled.get(skeleton)
-    if pattern is None:
-        pattern = _compile(skeleton)
-        _compiled[skeleton] = pattern
-        if len(_compiled) > _CACHE_SIZE:
-            _compiled.popitem(last=False)
-    return ChunkTemplate(pattern)
+    return ChunkTemplate(_compile(tuple(parts)))
 
 
 def _value_at(data: bytes, key: bytes, string: bool) -> tuple[int, int] | None:
@@ -107,7 +99,10 @@ def _value_at(data: bytes, key: bytes, string: bool) -> tuple[int, int] | None:
     return (m.start(), m.end()) if m is not None else None
 
 
+@functools.lru_cache(maxsize=_CACHE_SIZE)
 def _compile(skeleton: tuple[bytes, ...]) -> re.Pattern[bytes]:
+    """The pattern of a template, by its bytes outside the holes (the same for every stream of
+    a server): compiled once."""
     out = []
     for i, part in enumerate(skeleton):
         if i % 2 == 0:
@@ -118,4 +113,4 @@ def _compile(skeleton: tuple[bytes, ...]) -> re.Pattern[bytes]:
             out.append(b'"' + _STRING_BODY + b'"')
         else:
             out.append(_NUMBER)
-    return re.compile(b"".join(out), re.DOTALL)
+    return re.compile(b"".join(out))
