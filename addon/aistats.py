@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import sqlite3
 import sys
 import time
@@ -416,9 +417,9 @@ class AIStats:
                 match = match_configured(req.method, req.path, rules.path_suffixes)
             if match is None or cfg is None:
                 return
-            headers = dict(first_values(
-                req.headers.fields if rules is not None
-                else _only(req.headers.fields, self._attribution.request_header_bytes)))
+            headers = dict(first_values(  # all of them only when rules may read any
+                req.headers.fields,
+                only=None if rules is not None else self._attribution.request_header_bytes))
             started = Started(flow.id, req.method, req.host, req.port, req.path.split("?", 1)[0],
                               req.timestamp_start, match.api, match.model_from_path,
                               client_name(headers.get("user-agent")),
@@ -458,8 +459,7 @@ class AIStats:
         st.response_seen = True
         rules = st.rules
         st.resp_headers = headers = dict(first_values(
-            resp.headers.fields if rules is not None
-            else _only(resp.headers.fields, _RESPONSE_HEADER_BYTES)))
+            resp.headers.fields, only=None if rules is not None else _RESPONSE_HEADER_BYTES))
         ctype = headers.get("content-type")
         st.framer = framing.framer_for(ctype)
         if rules is not None:
@@ -613,26 +613,25 @@ class AIStats:
     def _finish_some(self) -> None:
         """Records made for up to SLICE_S, then given to the outputs; the rest next turn."""
         self._timer = None
+        self._make_records(time.perf_counter() + SLICE_S)
+        if self._unbuilt:
+            _soon(self._finish_some)
+        else:
+            self._gathering = False
+
+    def _finish_pending(self) -> None:
+        """Every record read and not made yet, now (replay without loop turns, exit)."""
+        self._make_records(math.inf)
+
+    def _make_records(self, until: float) -> None:
+        """Records made until ``until`` (``perf_counter`` time; one at least), then given to
+        the outputs together."""
         t0 = time.perf_counter()
-        until = t0 + SLICE_S
         made = []
         while self._unbuilt:
             made.append(self._unbuilt.popleft()())
             if time.perf_counter() >= until:
                 break
-        for event in made:
-            self.bus.finished(event)
-        if self._unbuilt:
-            _soon(self._finish_some)
-        else:
-            self._gathering = False
-        self.overhead += time.perf_counter() - t0
-
-    def _finish_pending(self) -> None:
-        """Every record read and not made yet, now (replay without loop turns, exit)."""
-        t0 = time.perf_counter()
-        made = [build() for build in self._unbuilt]
-        self._unbuilt.clear()
         for event in made:
             self.bus.finished(event)
         self.overhead += time.perf_counter() - t0
@@ -744,12 +743,6 @@ def _soon(fn: Callable[[], None]) -> None:
 
 # The response headers a record reads (when no rules read them all).
 _RESPONSE_HEADER_BYTES = frozenset({b"content-type", b"content-encoding", b"server"})
-
-
-def _only(fields: tuple[tuple[bytes, bytes], ...], names: frozenset[bytes]
-          ) -> list[tuple[bytes, bytes]]:
-    """The header fields of these (lower-case) names: decoding the others would be wasted."""
-    return [f for f in fields if f[0].lower() in names]
 
 
 def _request_meta(flow: http.HTTPFlow, headers: dict[str, str]) -> RequestMeta:

@@ -101,14 +101,17 @@ def _decoded(raw: bytes | None, encoding: str | None, max_bytes: int) -> bytes |
     return decode_body(raw, encoding, max_bytes)
 
 
-def first_values(fields: HeaderFields, lower: bool = True,
-                 redacted: bool = False) -> list[tuple[str, str]]:
+def first_values(fields: HeaderFields, lower: bool = True, redacted: bool = False,
+                 only: frozenset[bytes] | None = None) -> list[tuple[str, str]]:
     """Header pairs as text, the first value per name (compared without case); the name
     lower-cased, or as the first occurrence spells it; with ``redacted``, the credential
-    headers' values replaced (and not decoded)."""
+    headers' values replaced (and not decoded); with ``only`` (lower-case raw names), the other
+    headers skipped before anything of them is decoded."""
     out: dict[str, tuple[str, str]] = {}
     secret = redact.SECRET_HEADERS if redacted else ()
     for k, v in fields:
+        if only is not None and k.lower() not in only:
+            continue
         name = k.decode("latin-1")
         key = name.lower()
         if key not in out:
