@@ -632,8 +632,7 @@ class AIStats:
             made.append(self._unbuilt.popleft()())
             if time.perf_counter() >= until:
                 break
-        for event in made:
-            self.bus.finished(event)
+        self.bus.finished_all(made)
         self.overhead += time.perf_counter() - t0
 
     # -- failure containment ---------------------------------------------------------------

@@ -11,8 +11,10 @@ import threading
 import pytest
 
 from aistats_engine.outputs.bus import Finished
-from aistats_engine.outputs.captures import (ALL_PARTS, CAPTURE_PARTS, CaptureCache,
-                                             build_capture, compress, decompress, mask_for)
+from aistats_engine.outputs import captures
+from aistats_engine.outputs.captures import (ALL_PARTS, CAPTURE_PARTS, LATER_OVERHEAD, CaptureCache,
+                                             build_capture, capture_exists, compress, decompress,
+                                             mask_for)
 from aistats_engine.record.record import Record
 from conftest import load_cases
 
@@ -312,8 +314,14 @@ def test_cache_thread_safety_keeps_its_accounting():
         try:
             for i in range(400):
                 cid = rnd.randrange(300)
-                if rnd.random() < 0.7:
+                r = rnd.random()
+                if r < 0.4:
                     c.put_blob(cid, bytes(rnd.randrange(1, 3000)))
+                elif r < 0.7:  # waiting captures, compressed when the cache is over
+                    c.put_later(cid, event(id=cid, resp_body=bytes(rnd.randrange(1, 3000))),
+                                ALL_PARTS, MAX)
+                elif r < 0.75:
+                    c.discard_below(rnd.randrange(300))
                 else:
                     c.get_blob(cid), c.has(cid), c.ids()
         except BaseException as e:  # pragma: no cover - the test fails on it
@@ -327,5 +335,84 @@ def test_cache_thread_safety_keeps_its_accounting():
     assert not errors and not any(t.is_alive() for t in threads)
     ids = c.ids()
     assert len(ids) == len(set(ids)) == c.count
-    assert c.bytes == sum(len(c.get_blob(i)) for i in ids) <= c.max_bytes
+    assert c.bytes == sum(captures._weight(c._items[i]) for i in ids) <= c.max_bytes
     assert c.evicted > 0
+
+
+# -- captures whose building waits (CaptureCache.put_later) ---------------------------------------
+def _corpus() -> list[Finished]:
+    """Every kind of event the tests above capture, and the acceptance cases'."""
+    evs = [event(**kw) for kw in (
+        dict(), dict(resp_body=b""), dict(resp_body=None), dict(resp_body=b"x" * 5000),
+        dict(resp_body=b"x" * 10), dict(resp_body=b"not valid json"), dict(status=204, resp_body=b""),
+        dict(resp_body=b"nope", resp_enc="gzip"), dict(resp_body=gzip.compress(b""), resp_enc="gzip"),
+        dict(resp_body=gzip.compress(b'{"a":1}'), resp_enc="gzip"),
+        dict(resp_body=b"\x89PNG\r\n\x1a\n\x00\xff" + KEY.encode(), response_content_type="image/png",
+             req_headers=b({"Authorization": f"Bearer {KEY}"})),
+        dict(status=400, resp_body=b'{"error":{"message":"bad"}}', error="bad", error_type="400"),
+        dict(status=503, resp_body=b"", error="503", error_type="503"),
+        dict(status=200, error="stream cut", error_type="upstream_aborted"),
+        dict(status=None, resp_body=None, error="connect failed", error_type="upstream_unreachable"),
+        dict(req_headers=b({"Content-Encoding": "gzip"}), req_body=b"not gzip", req_enc="gzip"),
+        dict(req_body=b"x" * 100, resp_body=b"ok"),
+        dict(req_headers=b({"Authorization": f"Bearer {KEY}", "X-Note": "sk-" + "A" * 30}),
+             resp_headers=b({"X-Echo": f"got {KEY}", "Set-Cookie": "a=b"}),
+             resp_body=f'{{"echo":"{KEY}"}}'.encode(), query="key=qk-9876543210&alt=sse"),
+        dict(path="/v1/audio/speech", resp_body=b"\xff\xfbaudio"),
+    )]
+    return evs + [_case_event(c) for c in CAPTURE_CASES]
+
+
+@pytest.mark.parametrize("max_body", [5, 50, 4096, MAX])
+def test_a_waiting_capture_reads_as_one_built_at_once(max_body):
+    """capture_exists tells what build_capture would (or None), and a capture read while it
+    waits, or once compressed, is the one built at once."""
+    told = 0
+    for i, ev in enumerate(_corpus()):
+        for parts in (ALL_PARTS, frozenset({"req_headers"}), mask_for(ev.record.path, ALL_PARTS),
+                      frozenset()):
+            now = build_capture(ev, parts, max_body)
+            exists = capture_exists(ev, parts, max_body)
+            if exists is None:
+                assert ev.response_encoding
+                continue
+            told += 1
+            assert exists is (now is not None), (i, parts)
+            if not exists:
+                continue
+            c = CaptureCache(1 << 20)
+            assert c.put_later(i, ev, parts, max_body) == (True, []) and c.has(i)
+            assert c.get(i) == now and decompress(c.get_blob(i)) == now
+    assert told > 50
+
+
+def test_waiting_captures_compress_oldest_first_then_the_oldest_go(monkeypatch):
+    built: list[int] = []
+    real = captures.capture_blob
+
+    def spy(ev, parts, max_body):
+        built.append(ev.record.id)
+        return real(ev, parts, max_body)
+
+    monkeypatch.setattr(captures, "capture_blob", spy)
+    body = b'{"text":"' + b"abc " * 1000 + b'"}'  # ~4 KB that compresses well
+    evs = {i: event(id=i, resp_body=body) for i in range(1, 8)}
+    weight = len(body) + len(b'{"model":"m"}') + LATER_OVERHEAD  # (no headers)
+    c = CaptureCache(3 * weight + 1000)  # three waiting, and room for one compressed
+    for i in (1, 2, 3):
+        assert c.put_later(i, evs[i], ALL_PARTS, MAX) == (True, [])
+    assert built == [] and c.bytes == 3 * weight
+    assert c.put_later(4, evs[4], ALL_PARTS, MAX) == (True, [])  # over: the oldest waiting shrinks
+    assert built == [1] and c.bytes <= c.max_bytes and c.ids() == [1, 2, 3, 4]
+    assert c.get(1) == build_capture(evs[1], ALL_PARTS, MAX)  # compressed in place
+    assert c.discard_below(3) == [1, 2] and built == [1]  # 2 leaves unbuilt
+    small = CaptureCache(weight - 1)  # one waiting capture weighs more: compressed at once
+    assert small.put_later(5, evs[5], ALL_PARTS, MAX) == (True, []) and built == [1, 5]
+    assert small.bytes == len(small.get_blob(5)) < weight
+    blobs = CaptureCache(2 * weight)  # nothing waits: the oldest go
+    for i in (1, 2, 3):
+        blobs.put_blob(i, b"x" * (weight - 10))
+    assert blobs.ids() == [2, 3] and blobs.evicted == 1
+    assert blobs.put_later(6, evs[6], ALL_PARTS, MAX) == (True, [2])  # compressed first; still over
+    assert blobs.ids() == [3, 6] and built == [1, 5, 6]
+    assert c.bytes == sum(captures._weight(c._items[i]) for i in c.ids())

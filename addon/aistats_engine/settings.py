@@ -103,7 +103,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("aistats_store_max_age", "",
                "Age after which stored records are pruned: seconds or 30m, 12h, 7d (empty: none)."),
     OptionSpec("aistats_captures_mb", str(DEFAULT_CAPTURES_MB),
-               "Bound on compressed request/response captures, in MB (0: no captures)."),
+               "Bound on request/response captures (compressed, or the bodies of one not built "
+               "yet), in MB (0: no captures)."),
     OptionSpec("aistats_capture_parts", ",".join(CAPTURE_PARTS),
                "What a capture keeps by default: any of req_headers, req_body, resp_headers, "
                "resp_body, comma-separated (binary audio/image endpoints keep less)."),

@@ -11,7 +11,7 @@ the others or the traffic.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -167,11 +167,17 @@ class Bus:
                 self._report(name, event.flow_id, e)
 
     def finished(self, event: Finished) -> None:
+        self.finished_all((event,))
+
+    def finished_all(self, events: Sequence[Finished]) -> None:
+        """Records made together go to one output after the other, each output taking all of
+        them in a row: its code and data stay in the caches from one record to the next."""
         for name, out in self._outputs.items():
-            try:
-                out.finished(event)
-            except Exception as e:
-                self._report(name, event.record.flow_id, e)
+            for event in events:
+                try:
+                    out.finished(event)
+                except Exception as e:
+                    self._report(name, event.record.flow_id, e)
 
     def close(self, wait: bool = False) -> None:
         for name, out in list(self._outputs.items()):

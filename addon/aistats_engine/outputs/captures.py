@@ -36,6 +36,7 @@ docstring.
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -47,6 +48,8 @@ import zstandard
 from ..record import redact
 from ..wire.decoding import DecodedTooLarge, DecodeError
 from .bus import Finished
+
+log = logging.getLogger(__name__)
 
 CAPTURE_PARTS = ("req_headers", "req_body", "resp_headers", "resp_body")
 ALL_PARTS = frozenset(CAPTURE_PARTS)
@@ -125,13 +128,31 @@ def capture_blob(event: Finished, parts: frozenset[str], max_body: int) -> bytes
     return None if cap is None else compress(cap)
 
 
+def _whole_exchange(rec: Any) -> bool:
+    """A 2xx that did not fail: captured with its response body (the module doc's "when")."""
+    status = rec.status
+    return status is not None and 200 <= status < 300 and rec.error_type not in FAILURE_TYPES
+
+
+def capture_exists(event: Finished, parts: frozenset[str], max_body: int) -> bool | None:
+    """Whether ``build_capture`` gives a capture, told without building it; None when only
+    decoding the response body could tell (an encoded body)."""
+    if not _whole_exchange(event.record):
+        return True
+    raw = event.response_raw
+    if not raw:
+        return False
+    if event.response_encoding:
+        return None
+    return "resp_body" not in parts or len(raw) <= max_body
+
+
 def _capture(event: Finished, parts: frozenset[str], max_body: int) -> dict[str, Any] | None:
     """``build_capture`` with the text bodies still UTF-8 bytes."""
     rec = event.record
     status = rec.status
-    ok = status is not None and 200 <= status < 300 and rec.error_type not in FAILURE_TYPES
     resp_body: bytes | None = None
-    if ok:
+    if _whole_exchange(rec):
         if not event.response_raw:
             return None  # empty, or not kept by the proxy
         if "resp_body" in parts or event.response_encoding:
@@ -256,15 +277,68 @@ def decompress(blob: bytes) -> dict[str, Any]:
     return cap
 
 
+# What a capture waiting to be built weighs beyond its bodies and headers: the record, its
+# JSON, the objects holding them.
+LATER_OVERHEAD = 4096
+
+
+class _Later:
+    """A capture not built yet: the finished request it comes from (its bodies held, not
+    copied) and its mask. Building it later gives what building it now would: the inputs are
+    immutable and the building is a pure function of them."""
+
+    __slots__ = ("event", "parts", "max_body", "size")
+
+    def __init__(self, event: Finished, parts: frozenset[str], max_body: int) -> None:
+        self.event, self.parts, self.max_body = event, parts, max_body
+        self.size = (len(event.request_raw or b"") + len(event.response_raw or b"")
+                     + sum(len(k) + len(v) for fields in (event.request_fields,
+                                                          event.response_fields)
+                           for k, v in fields)
+                     + LATER_OVERHEAD)
+
+    def blob(self) -> bytes | None:
+        return _built(capture_blob, self)
+
+    def capture(self) -> dict[str, Any] | None:
+        return _built(build_capture, self)
+
+
+_bug_reported = False
+
+
+def _built(build: Any, later: _Later) -> Any:
+    """``build(event, parts, max_body)``; a bug in it means no capture (reported once)."""
+    global _bug_reported
+    try:
+        return build(later.event, later.parts, later.max_body)
+    except Exception:
+        if not _bug_reported:
+            _bug_reported = True
+            log.exception("aistats: building the capture of record %s failed",
+                          later.event.record.id)
+        return None
+
+
+def _weight(item: bytes | _Later) -> int:
+    return item.size if isinstance(item, _Later) else len(item)
+
+
 class CaptureCache:
-    """Compressed captures by record id, bounded by their total compressed size.
+    """Captures by record id, bounded by their total size.
 
     * ``max_bytes`` = 0 turns captures off: every put is refused (not counted).
-    * An item larger than ``max_bytes`` is refused and counted in ``refused``; otherwise the
-      oldest *inserted* items are evicted until it fits (counted in ``evicted``). Reads do not
-      refresh an item (FIFO, not LRU). Re-putting an id replaces it and moves it to the end.
-    * Thread-safe: compression and decompression run outside the lock, on the caller's thread
-      (the store's writer thread for puts, the web API thread for gets).
+    * A capture is kept compressed (``put_blob``), or its building waits (``put_later``) and it
+      weighs the bodies it holds: most captures leave with their record (``discard_below``)
+      without anyone reading them, and building one costs more than the rest of a record's
+      work. One is built when read, and compressed in place, the oldest waiting first, when
+      the cache goes over ``max_bytes``; only when none waits is the oldest item evicted.
+    * An item larger than ``max_bytes`` (a waiting one: once compressed) is refused and counted
+      in ``refused``; otherwise the oldest *inserted* items are evicted until it fits (counted in
+      ``evicted``). Reads do not refresh an item (FIFO, not LRU). Re-putting an id replaces it
+      and moves it to the end.
+    * Thread-safe: reading runs outside the lock, on the caller's thread (the web API's);
+      compressing a waiting capture runs under it, on the writer's.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -273,7 +347,8 @@ class CaptureCache:
         self.max_bytes = max_bytes
         self.refused = 0
         self.evicted = 0
-        self._items: OrderedDict[int, bytes] = OrderedDict()
+        self._items: OrderedDict[int, bytes | _Later] = OrderedDict()
+        self._waiting: OrderedDict[int, None] = OrderedDict()  # ids of _Later items, oldest first
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -300,34 +375,80 @@ class CaptureCache:
         this put: evicted ones, and ``id`` itself when it was held and the new item is refused)."""
         if not self.max_bytes:
             return False, []
-        size = len(blob)
-        removed: list[int] = []
         with self._lock:
-            old = self._items.pop(id, None)
-            if old is not None:
-                self._bytes -= len(old)
-            if size > self.max_bytes:
-                self.refused += 1
-                if old is not None:
-                    removed.append(id)
-                return False, removed
-            while self._items and self._bytes + size > self.max_bytes:
-                gone, b = self._items.popitem(last=False)
-                self._bytes -= len(b)
-                self.evicted += 1
-                removed.append(gone)
-            self._items[id] = blob
-            self._bytes += size
-        return True, removed
+            return self._put(id, blob)
+
+    def put_later(self, id: int, event: Finished, parts: frozenset[str],
+                  max_body: int) -> tuple[bool, list[int]]:
+        """``put_blob`` of the capture of ``event``, built when it is read or must shrink. Only
+        for an event ``capture_exists`` says has one (True, not None): ``has`` then tells."""
+        if not self.max_bytes:
+            return False, []
+        item: bytes | _Later | None = _Later(event, parts, max_body)
+        if item.size > self.max_bytes:  # type: ignore[union-attr]
+            item = item.blob()  # type: ignore[union-attr]
+        with self._lock:
+            if item is None:
+                return False, self._remove(id)
+            return self._put(id, item)
+
+    def _put(self, id: int, item: bytes | _Later) -> tuple[bool, list[int]]:
+        """(Under the lock.) A re-put id first leaves; a refused one stays gone."""
+        was_held = self._remove(id)
+        size = _weight(item)
+        if size > self.max_bytes:
+            self.refused += 1
+            return False, was_held
+        self._items[id] = item
+        self._bytes += size
+        if isinstance(item, _Later):
+            self._waiting[id] = None
+        return True, self._fit()
+
+    def _fit(self) -> list[int]:
+        """Compress waiting captures, then evict the oldest items, until the bound holds."""
+        removed: list[int] = []
+        items = self._items
+        while self._bytes > self.max_bytes and self._waiting:
+            cid, _ = self._waiting.popitem(last=False)
+            later = items[cid]
+            assert isinstance(later, _Later)
+            blob = later.blob()
+            self._bytes -= later.size
+            if blob is None:
+                del items[cid]
+                removed.append(cid)
+            else:
+                items[cid] = blob
+                self._bytes += len(blob)
+        while self._bytes > self.max_bytes:
+            gone, item = items.popitem(last=False)
+            self._waiting.pop(gone, None)
+            self._bytes -= _weight(item)
+            self.evicted += 1
+            removed.append(gone)
+        return removed
+
+    def _remove(self, id: int) -> list[int]:
+        """Forget ``id`` (under the lock); [id] when it was held."""
+        item = self._items.pop(id, None)
+        if item is None:
+            return []
+        self._bytes -= _weight(item)
+        self._waiting.pop(id, None)
+        return [id]
 
     def get(self, id: int) -> dict[str, Any] | None:
         with self._lock:
-            blob = self._items.get(id)
-        return None if blob is None else decompress(blob)
+            item = self._items.get(id)
+        if item is None:
+            return None
+        return item.capture() if isinstance(item, _Later) else decompress(item)
 
     def get_blob(self, id: int) -> bytes | None:
         with self._lock:
-            return self._items.get(id)
+            item = self._items.get(id)
+        return item.blob() if isinstance(item, _Later) else item
 
     def has(self, id: int) -> bool:
         with self._lock:
@@ -343,10 +464,7 @@ class CaptureCache:
         gone = []
         with self._lock:
             for i in ids:
-                b = self._items.pop(i, None)
-                if b is not None:
-                    self._bytes -= len(b)
-                    gone.append(i)
+                gone += self._remove(i)
         return gone
 
     def discard_below(self, min_id: int) -> list[int]:
@@ -359,11 +477,11 @@ class CaptureCache:
                 i = next(iter(items))
                 if i >= min_id:
                     break
-                self._bytes -= len(items.pop(i))
-                gone.append(i)
+                gone += self._remove(i)
         return gone
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._waiting.clear()
             self._bytes = 0

@@ -2,7 +2,7 @@
 
 An output like the others (``started``/``finished``/``close``). ``finished`` only enqueues; a
 daemon writer thread inserts the records in batches (one transaction each, gathered for up to
-0.25 s), builds and stores their captures, and prunes. Reads (``activity``, ``stats``,
+0.25 s), keeps their captures (CaptureCache), and prunes. Reads (``activity``, ``stats``,
 ``sessions``, ``session``, ``record``, ``capture``, ``export``) may be called from any thread
 (the web API's); each first has the writer write what is queued, so it sees every record
 finished before it.
@@ -24,9 +24,10 @@ Bounds (memory):
   ``max_queue_bytes`` of them (default 64 MiB, or one request's if larger); past that a record is
   still queued but without its bodies, so it gets no capture (counted in ``captures_skipped``);
 * the in-memory database: ``max_rows`` records (a file store's rows live on disk);
-* captures: ``CaptureCache.max_bytes`` compressed bytes, and as many in the ``captures`` table
-  when ``persist_captures`` (file store only); building one holds at most two bodies of
-  ``max_body`` decoded bytes, on the writer thread;
+* captures: ``CaptureCache.max_bytes``, a capture counting its compressed size, or while its
+  building waits (until read or until the cache must shrink) the raw bodies it holds; as many
+  in the ``captures`` table when ``persist_captures`` (file store only: built at once); building
+  one holds at most two bodies of ``max_body`` decoded bytes;
 * reads: a page (``limit`` ≤ 1000 rows), ``export`` in chunks of ``EXPORT_CHUNK`` rows, stats and
   sessions aggregated in SQL (a session's detail: its newest ``max_requests`` records).
 
@@ -64,7 +65,7 @@ from .writer import WAKE as _WAKE, stop_writer
 
 from ..record.record import Record, rfc3339_ms
 from .bus import Finished, Started
-from .captures import CAPTURE_PARTS, CaptureCache, capture_blob, mask_for
+from .captures import CAPTURE_PARTS, CaptureCache, capture_blob, capture_exists, mask_for
 
 log = logging.getLogger(__name__)
 
@@ -621,8 +622,12 @@ class Store:
                 self._queued_bytes -= sum(b[2] for b in batch)
                 self._cond.notify_all()
 
-    def _build_captures(self, batch: list[tuple]) -> list[tuple[int, bytes]]:
-        out: list[tuple[int, bytes]] = []
+    def _build_captures(self, batch: list[tuple]
+                        ) -> list[tuple[int, bytes | tuple[Finished, frozenset[str]]]]:
+        """Each capture of the batch, in record order: compressed now, or (event, mask) when
+        its building can wait (CaptureCache.put_later): not for a kept (file) capture, nor
+        when only decoding the body tells whether there is one."""
+        out: list[tuple[int, bytes | tuple[Finished, frozenset[str]]]] = []
         cache = self.captures
         if cache is None or not cache.enabled:
             return out
@@ -630,10 +635,13 @@ class Store:
             if not capture:
                 continue
             rec = event.record
+            mask = mask_for(rec.path, self.capture_parts)
             try:
-                blob = capture_blob(event, mask_for(rec.path, self.capture_parts),
-                                    self.max_body)
-                if blob is not None:
+                exists = None if self.persist_captures else capture_exists(event, mask,
+                                                                           self.max_body)
+                if exists:
+                    out.append((rec.id, (event, mask)))
+                elif exists is None and (blob := capture_blob(event, mask, self.max_body)):
                     out.append((rec.id, blob))
             except Exception:
                 if not self._capture_bug_reported:
@@ -652,7 +660,7 @@ class Store:
                 text.decode())
 
     def _process(self, batch: list[tuple]) -> None:
-        blobs = self._build_captures(batch)
+        captures = self._build_captures(batch)
         rows = []
         for event, _, _ in batch:
             rec = event.record
@@ -675,12 +683,16 @@ class Store:
                                  "(key) DO UPDATE SET value = max(value, excluded.value)",
                                  (top,))
                     if cache is not None:
-                        for cid, blob in blobs:
-                            stored, removed = cache.put_blob(cid, blob)
+                        for cid, item in captures:
+                            if isinstance(item, bytes):
+                                stored, removed = cache.put_blob(cid, item)
+                            else:
+                                stored, removed = cache.put_later(cid, *item, self.max_body)
                             if stored:
                                 put.append(cid)
-                            if self.persist_captures:
-                                self._mirror(conn, cid, blob if stored else None, removed)
+                            if self.persist_captures:  # (always a blob)
+                                self._mirror(conn, cid, item if stored else None,  # type: ignore[arg-type]
+                                             removed)
                     self._prune(conn, time.time())
             self._max_id = max(self._max_id, top)
         except (sqlite3.Error, OSError) as e:
