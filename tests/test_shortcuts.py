@@ -110,6 +110,14 @@ def _chunkings(body: bytes, seed: int) -> list[list[bytes]]:
     per_event = [p + b"\n\n" for p in body.split(b"\n\n")[:-1]]
     if per_event and b"".join(per_event) == body:
         out.append(per_event)
+        # Batches of whole events that are not one chunk each (blank lines counted per
+        # chunk): two events a chunk; an event's blank line split between two chunks, the
+        # second holding the next event too (both completed by it); and batches cut mid-event.
+        out.append([b"".join(per_event[i:i + 2]) for i in range(0, len(per_event), 2)])
+        out.append([c for i in range(0, len(per_event), 2)
+                    for c in (per_event[i][:-1], per_event[i][-1:] + b"".join(per_event[i + 1:i + 2]))])
+        out.append([half for ev in per_event
+                    for half in (ev[:len(ev) // 2], ev[len(ev) // 2:]) if half])
     for _ in range(4):
         k = min(len(body) - 1, rng.randint(2, 40))
         cuts = sorted(rng.sample(range(1, len(body)), k=k))
@@ -219,6 +227,20 @@ def test_the_shortcuts_are_taken(monkeypatch):
                                 4096, tap=False)
     assert (parsed2, timing2) == (parsed, timing)
     assert len(parsed_json) == 5  # role chunk, the template's own chunk, finish, usage, [DONE]
+    # ... and whole batches of them by one match over the batch (no event framed alone).
+    runs = []
+    real_run = ResponseState.content_run
+
+    def content_run(self, text):
+        runs.append(real_run(self, text))
+        return runs[-1]
+
+    monkeypatch.setattr(ResponseState, "content_run", content_run)
+    parsed3, timing3, _ = _live("chat_completions", "text/event-stream", None,
+                                [p + b"\n\n" for p in _bench_stream(100).split(b"\n\n")[:-1]],
+                                4096, tap=False)
+    assert (parsed3, timing3) == (parsed, timing)
+    assert sum(runs) > 80, runs  # all but the events of the first batch and the last
 
 
 def test_timestamps_formatted_per_second_equal_datetime():
@@ -292,6 +314,50 @@ def test_chunk_template_never_claims_what_the_parser_and_short_path_would_not():
         parsed = orjson.loads(data)  # must not raise: a matching event is valid JSON
         assert parsed.__class__ is dict and _short(parsed) is got, data
     assert matched > 1000, (checked, matched)  # the mutations did reach the holes
+
+
+def test_a_content_run_is_exactly_its_events_each_content():
+    """Soundness of ``ChunkTemplate.content_run``: a batch it takes is whole ``data: `` events,
+    as many as it says, each one the template matches as content (which the test above proves
+    sound); mutations of the events and of what separates them try to make it lie."""
+    import orjson
+
+    from aistats_engine.wire.formats.openai import _short, _template_key
+
+    obj = orjson.loads(TEMPLATE_CHUNK)
+    tpl = templates.learn(TEMPLATE_CHUNK, obj, _template_key(obj))
+    ev = b"data: " + TEMPLATE_CHUNK + b"\n\n"
+    assert tpl.content_run(ev * 3) == 3 and tpl.content_run(ev) == 1
+    empty = ev.replace(b'" hello"', b'""')
+    for bad in (b"", ev + empty, ev[:-1], ev + b"\n", b"\n" + ev, ev.replace(b"data: ", b"data:"),
+                b"event: x\n" + ev, ev + b": comment\n\n", ev.replace(b"\n\n", b"\r\n\r\n"),
+                ev[:60] + b"\n\ndata: " + ev[60:], ev.replace(b" hello", b" h\xffi")):
+        assert tpl.content_run(bad) == 0, bad
+    multi = b'{"id":"x",\n"choices":[{"index":0,"delta":{"content":"a"}}]}'
+    assert templates.learn(multi, orjson.loads(multi), b"content").content_run(
+        b"data: " + multi + b"\n\n") == 0  # its own event spanned lines: no runs at all
+    rng = random.Random(9)
+    alphabet = [bytes([c]) for c in b'"\\{}[],:0123456789.eE-+ uabn\n\r\x00\x1f'] + [
+        b"\xc3\xa9", b"\xff", b"data: ", b"\n\n", b"event: e\n", b'"usage":{"x":1},']
+    taken = 0
+    for _ in range(5000):
+        events = [bytearray(ev) for _ in range(rng.randint(1, 4))]
+        for _ in range(rng.randint(0, 2)):
+            e = rng.choice(events)
+            at = rng.randrange(len(e) + 1)
+            e[at:at + rng.randint(0, 2)] = rng.choice(alphabet)
+        batch = b"".join(events)
+        n = tpl.content_run(batch)
+        if not n:
+            continue
+        taken += 1
+        parts = batch.split(b"\n\n")
+        assert parts[-1] == b"" and len(parts) - 1 == n, batch
+        for part in parts[:-1]:
+            assert part.startswith(b"data: ") and b"\n" not in part and b"\r" not in part
+            data = part[6:]
+            assert tpl.verdict(data) is True and _short(orjson.loads(data)) is True, batch
+    assert taken > 1000
 
 
 def test_chunk_templates_are_not_learned_where_the_bytes_could_mislead():

@@ -14,7 +14,7 @@ from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import accumulate, compress, islice
+from itertools import accumulate, chain, compress, islice, repeat
 from typing import Any
 
 import orjson
@@ -272,8 +272,11 @@ class StreamObserver:
             times = times[:len(parts)]
             text = b"".join(parts)
         framer = self._framer
-        found = framer.feed_data(text) if framer.__class__ is SSEFramer else None
-        if found is not None:
+        sse = framer.__class__ is SSEFramer
+        if (sse and framer.at_boundary() and text.endswith(b"\n\n")
+                and len(text) <= framer.max_event and (n := self.reader.content_run(text))):
+            self._time_run(n, text, times, ends)  # all content: no event framed on its own
+        elif sse and (found := framer.feed_data(text)) is not None:
             datas, positions = found
             self._time_content(self.reader.on_data(datas), positions, times, ends)
         elif isinstance(framer, (SSEFramer, NDJSONFramer)) and (
@@ -304,6 +307,21 @@ class StreamObserver:
                           [min(p, last) for p in positions], verdicts)
             self._times.extend(islice(map(times.__getitem__, map(partial(bisect_right, ends), at)),
                                       room))
+
+    def _time_run(self, n: int, text: bytes, times: list[float], ends: list[int]) -> None:
+        """``_time_content`` for a batch of ``n`` one-line events that are all content: each
+        timed by the chunk holding its second newline, found by counting blank lines (one per
+        event) per chunk; when every chunk ends one event, the chunks' times as they are."""
+        self._content_events += n
+        room = self._max_times - len(self._times)
+        if room <= 0:
+            return
+        if n == len(ends) and all(map(partial(text.endswith, b"\n\n", 0), ends)):
+            self._times.extend(times[:room])
+            return
+        starts = [0, *(max(e - 1, 0) for e in ends[:-1])]  # a pair split over two chunks
+        counts = map(text.count, repeat(b"\n\n"), starts, ends)  # counts in the second
+        self._times.extend(islice(chain.from_iterable(map(repeat, times, counts)), room))
 
     def _decode(self, chunk: bytes) -> bytes | None:
         """Decoded bytes, or None after a failure (recorded; reading stops there)."""

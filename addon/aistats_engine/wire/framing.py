@@ -34,6 +34,10 @@ class _TextFramer:
         """Bytes of an unterminated event (a stream that ended mid-event)."""
         return self._buf
 
+    def at_boundary(self) -> bool:
+        """Between two events: nothing kept, nothing being skipped."""
+        return not self._buf and not self._skipping
+
 
 class SSEFramer(_TextFramer):
     """Server-Sent Events: events end at a blank line (``\\n\\n``, ``\\r\\n\\r\\n``, ``\\r\\r``).

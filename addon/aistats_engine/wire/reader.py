@@ -316,6 +316,17 @@ class ResponseState:
         self.events += plain
         return out
 
+    def content_run(self, text: bytes) -> int:
+        """``on_data`` of a whole batch of one-line SSE events when the stream's chunk
+        template says they are all content events (``ChunkTemplate.content_run``): their
+        number, counted as read; 0, with nothing read, otherwise."""
+        template = self._template
+        if template is None or self.tap is not None or not self.fast:
+            return 0
+        n = template.content_run(text)
+        self.events += n
+        return n
+
     def _read_object(self, name: str | None, obj: dict) -> bool:
         """The full reading of one parsed event."""
         fmt = self.fmt

@@ -36,12 +36,15 @@ _COLON = re.compile(rb'[ \t\r\n]*:[ \t\r\n]*')
 
 
 class ChunkTemplate:
-    """A compiled template; ``verdict`` is the short path's answer for a matching event."""
+    """A compiled template; ``verdict`` is the short path's answer for a matching event,
+    ``content_run`` the same for a whole batch of SSE events that are all content."""
 
-    __slots__ = ("_match",)
+    __slots__ = ("_match", "_run")
 
-    def __init__(self, pattern: re.Pattern[bytes]) -> None:
-        self._match = pattern.fullmatch
+    def __init__(self, skeleton: tuple[bytes, ...]) -> None:
+        self._match = _compile(skeleton).fullmatch
+        run = _compile_run(skeleton)
+        self._run = run.fullmatch if run is not None else None
 
     def verdict(self, data: bytes) -> bool | None:
         """Content or not when ``data`` fits the template; None when it must be parsed."""
@@ -54,6 +57,21 @@ class ChunkTemplate:
             except UnicodeDecodeError:
                 return None  # not JSON: the full reading says so
         return m.end(1) > m.start(1)
+
+    def content_run(self, text: bytes) -> int:
+        """The number of events in ``text`` when it is nothing but whole one-line SSE events
+        (``data: <event>\n\n``) that all fit the template with some text, each a content
+        event; 0 otherwise. One match over the batch instead of framing and matching each
+        event; no event can hide in another, as a hole holds no newline."""
+        run = self._run
+        if run is None or run(text) is None:
+            return 0
+        if not text.isascii():
+            try:
+                text.decode("utf-8")  # whole events: valid as a batch iff each is
+            except UnicodeDecodeError:
+                return 0
+        return text.count(b"\n\n")
 
 
 def learn(data: bytes, obj: dict, key: bytes) -> ChunkTemplate | None:
@@ -82,7 +100,7 @@ def learn(data: bytes, obj: dict, key: bytes) -> ChunkTemplate | None:
         parts.append(b"T" if is_text else (b"S" if data[start] == 0x22 else b"N"))
         pos = end
     parts.append(data[pos:])
-    return ChunkTemplate(_compile(tuple(parts)))
+    return ChunkTemplate(tuple(parts))
 
 
 def _value_at(data: bytes, key: bytes, string: bool) -> tuple[int, int] | None:
@@ -102,15 +120,29 @@ def _value_at(data: bytes, key: bytes, string: bool) -> tuple[int, int] | None:
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _compile(skeleton: tuple[bytes, ...]) -> re.Pattern[bytes]:
     """The pattern of a template, by its bytes outside the holes (the same for every stream of
-    a server): compiled once."""
+    a server): compiled once. The text is group 1."""
+    return re.compile(_pattern(skeleton, b'"(' + _STRING_BODY + b')"'))
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _compile_run(skeleton: tuple[bytes, ...]) -> re.Pattern[bytes] | None:
+    """One or more SSE events of the template with non-empty text, each on one ``data: ``
+    line; None when the template's own bytes hold a line break (its event was multi-line)."""
+    if any(b"\n" in part or b"\r" in part for part in skeleton[::2]):
+        return None
+    return re.compile(b"(?:data: " + _pattern(skeleton, b'"' + _STRING_BODY[:-1] + b'+"')
+                      + b"\n\n)+")
+
+
+def _pattern(skeleton: tuple[bytes, ...], text: bytes) -> bytes:
     out = []
     for i, part in enumerate(skeleton):
         if i % 2 == 0:
             out.append(re.escape(part))
         elif part == b"T":
-            out.append(b'"(' + _STRING_BODY + b')"')
+            out.append(text)
         elif part == b"S":
             out.append(b'"' + _STRING_BODY + b'"')
         else:
             out.append(_NUMBER)
-    return re.compile(b"".join(out))
+    return b"".join(out)
