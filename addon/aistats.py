@@ -18,6 +18,7 @@ import sqlite3
 import sys
 import time
 from collections import OrderedDict, deque
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from collections.abc import Callable
@@ -439,12 +440,15 @@ class AIStats:
             resp = flow.response
             if st is None or resp is None:
                 return
-            # The request is complete by now: read it here rather than in a ``request`` hook
-            # of its own (every hook an addon has is dispatched for every flow, LLM or not).
-            self._read_request(st, flow)
-            # Keep only the header text the record still reads: a stream can stay open long.
-            keep = self._attribution.header_names
-            st.req_headers = {k: v for k, v in st.req_headers.items() if k in keep}
+            # The request is complete by now: read it after this hook (on the next loop turn,
+            # once the response headers are on their way to the client), unless the rules'
+            # request phase must come first, or in a replay, which reads a whole file before
+            # the loop turns. Not in a ``request`` hook of its own: that would delay the
+            # request, and every hook an addon has is dispatched for every flow, LLM or not.
+            if st.rules is None and flow.live:
+                _soon(partial(self._late_request, st, flow))
+            else:
+                self._read_request(st, flow)
             self._response_headers(st, resp)
             if (st.framer is None or not flow.live or callable(resp.stream)
                     or (st.rules is not None and st.rules.response_skipped)):
@@ -452,6 +456,11 @@ class AIStats:
                 # addon already owns the stream
             st.observer = self._stream_observer(st, flow)
             resp.stream = st.observe
+
+    def _late_request(self, st: _FlowState, flow: http.HTTPFlow) -> None:
+        if st.request_info is None:  # (a whole response may have finished the flow already)
+            with self._guard(flow, "request"):
+                self._read_request(st, flow)
 
     def _response_headers(self, st: _FlowState, resp: http.Response) -> None:
         """Stream or not (once per flow), and the rules' response-header moment; a content type
@@ -504,6 +513,9 @@ class AIStats:
             content_type=st.req_headers.get("content-type"), fmt=st.match)
         if rules is not None:
             rules.request(st.req_headers, body[0] if body else None)
+        # Keep only the header text the record still reads: a stream can stay open long.
+        keep = self._attribution.header_names
+        st.req_headers = {k: v for k, v in st.req_headers.items() if k in keep}
 
     def _finish(self, flow: http.HTTPFlow) -> None:
         st = self._flows.pop(flow.id, None)

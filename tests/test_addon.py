@@ -315,3 +315,40 @@ def test_live_records_gathered_then_made_in_slices_and_bounded(monkeypatch):
     assert seen == {"gathering": 0, "in_hooks": 0, "at_twice": 2 * aistats.MAX_PENDING,
                     "after_turns": n}
     assert [r["model"] for r in cap.records] == ["m%d" % i for i in range(n)]
+
+
+def test_request_read_after_the_response_headers_hook_unless_the_rules_need_it(tmp_path):
+    """Parsing a request body (a long conversation: up to a millisecond) is kept off the path of
+    the response headers to the client: a live flow's request is read on the next loop turn. A
+    replay reads it in the hook (the loop does not turn between flows), and so do attribute
+    rules, whose request phase comes before the response's."""
+    import asyncio
+
+    from flowkit import set_response
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("attributes:\n  - key: question\n    value_source: request_body\n"
+                     "    value: messages.0.content\n")
+    seen: dict[str, object] = {}
+
+    async def hooks(addon: aistats.AIStats, live: bool, name: str) -> None:
+        f = chat_flow()
+        f.live = live
+        addon.requestheaders(f)
+        set_response(f, 200, SSE, 1.0)
+        addon.responseheaders(f)
+        st = addon._flows[f.id]
+        seen[name] = st.request_info.model if st.request_info else None
+        await asyncio.sleep(0)
+        seen[name + " next turn"] = st.request_info.model
+
+    for name, live, options in (("live", True, {}), ("replay", False, {}),
+                                ("rules", True, {"aistats_config": str(rules)})):
+        addon, ctx, _ = new_addon(**options)
+        try:
+            asyncio.run(hooks(addon, live, name))
+        finally:
+            ctx.__exit__(None, None, None)
+    assert seen == {"live": None, "live next turn": "gpt-4o-mini",
+                    "replay": "gpt-4o-mini", "replay next turn": "gpt-4o-mini",
+                    "rules": "gpt-4o-mini", "rules next turn": "gpt-4o-mini"}
