@@ -60,7 +60,7 @@ class ChunkTemplate:
 
     def content_run(self, text: bytes) -> int:
         """The number of events in ``text`` when it is nothing but whole one-line SSE events
-        (``data: <event>\n\n``) that all fit the template with some text, each a content
+        (``data: <event>\\n\\n``) that all fit the template with some text, each a content
         event; 0 otherwise. One match over the batch instead of framing and matching each
         event; no event can hide in another, as a hole holds no newline."""
         run = self._run
