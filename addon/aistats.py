@@ -122,9 +122,10 @@ class _FlowState:
         """The ``flow.response.stream`` callable: returns every chunk as it came. Reading
         happens in ``drain``, scheduled to run after the chunk has been forwarded. Not timed
         into the overhead: keeping a chunk costs less than timing it would."""
-        if chunk and not self.failed:
+        observer = self.observer  # (None once the flow is finished)
+        if chunk and observer is not None and not self.failed:
             try:
-                if self.observer.feed(chunk, time.time()):  # type: ignore[union-attr]
+                if observer.feed(chunk, time.time()):
                     _soon(self.drain)
             except Exception as e:  # never drop or delay a chunk for our failure
                 self.addon._failed(self.started.flow_id, self, "stream", e)
@@ -133,7 +134,8 @@ class _FlowState:
     def drain(self) -> None:
         t0 = time.perf_counter()
         try:
-            if not self.failed and self.observer.drain(DRAIN_LIMIT):  # type: ignore[union-attr]
+            observer = self.observer
+            if observer is not None and not self.failed and observer.drain(DRAIN_LIMIT):
                 _soon(self.drain)  # more kept: let other connections go first
         except Exception as e:
             self.addon._failed(self.started.flow_id, self, "stream", e)
@@ -543,23 +545,28 @@ class AIStats:
                req.path.partition("?")[2], req.raw_content, st.req_headers.get("content-encoding"),
                resp.raw_content if resp is not None else None,
                st.resp_headers.get("content-encoding"))
+        st.observer = None  # read: its copy of the chunks can go now
+        self._emit(partial(self._build, st, flow.id, rec_args, parsed, timing, failure,
+                           req.timestamp_start, raw), flow.live)
 
-        def build() -> Finished:
-            """The record, made on a later loop turn than the reading (a stretch of its own:
-            other connections' chunks wait for each stretch, not for their sum)."""
-            stream = st.framer is not None
-            try:
-                rec = build_record(next(self._ids), *rec_args, parsed, stream, timing, failure,
-                                   self._attribution, tuple(st.failed), st.rules)
-            except Exception as e:
-                self._failed(flow.id, st, "record", e)
-                rec = build_record(next(self._ids), *rec_args, None, stream, None, failure,
-                                   self._attribution, tuple(st.failed))
-            t_end = exchange_end(rec_args[0], rec_args[3], timing, failure)
-            return Finished(rec, req.timestamp_start,
-                            t_end if t_end is not None else rec_args[0].t_start, *raw)
-
-        self._emit(build, flow.live)
+    def _build(self, st: _FlowState, flow_id: str, rec_args: tuple, parsed: Parsed | None,
+               timing: StreamTiming | None, failure: Failure | None, t_start: float,
+               raw: tuple) -> Finished:
+        """The record, made on a later loop turn than the reading (a stretch of its own:
+        other connections' chunks wait for each stretch, not for their sum). What waits for it
+        holds no reference to the flow, which mitmproxy frees after its hooks as it would
+        without aistats: a waiting flow's objects would be traversed by every garbage
+        collection meanwhile, and promoted to the older generations."""
+        stream = st.framer is not None
+        try:
+            rec = build_record(next(self._ids), *rec_args, parsed, stream, timing, failure,
+                               self._attribution, tuple(st.failed), st.rules)
+        except Exception as e:
+            self._failed(flow_id, st, "record", e)
+            rec = build_record(next(self._ids), *rec_args, None, stream, None, failure,
+                               self._attribution, tuple(st.failed))
+        t_end = exchange_end(rec_args[0], rec_args[3], timing, failure)
+        return Finished(rec, t_start, t_end if t_end is not None else rec_args[0].t_start, *raw)
 
     def _read_response(self, st: _FlowState, flow: http.HTTPFlow
                        ) -> tuple[StreamTiming | None, Parsed | None]:

@@ -352,3 +352,48 @@ def test_request_read_after_the_response_headers_hook_unless_the_rules_need_it(t
     assert seen == {"live": None, "live next turn": "gpt-4o-mini",
                     "replay": "gpt-4o-mini", "replay next turn": "gpt-4o-mini",
                     "rules": "gpt-4o-mini", "rules next turn": "gpt-4o-mini"}
+
+
+def test_a_finished_flow_is_not_held_while_its_record_waits(monkeypatch):
+    """Records wait for others before they are made (GATHER_S); what waits holds the facts read,
+    not the flow, which mitmproxy then frees as it would without aistats (a held flow's objects
+    would be traversed by every garbage collection meanwhile)."""
+    import asyncio
+    import gc
+    import weakref
+
+    from flowkit import set_response
+    monkeypatch.setattr(aistats, "GATHER_S", 60.0)
+    addon, ctx, cap = new_addon()
+    refs = []
+
+    async def run() -> None:
+        for stream in (True, False):
+            f = chat_flow()
+            f.live = True
+            addon.requestheaders(f)
+            set_response(f, 200, SSE if stream else {"Content-Type": "application/json"}, 1.0)
+            addon.responseheaders(f)
+            await asyncio.sleep(0)  # (the request is read on the next loop turn)
+            if stream:
+                for c in chunks_of(OPENAI_CHAT):
+                    f.response.stream(c)
+                    await asyncio.sleep(0)
+            else:
+                f.response.raw_content = json.dumps({"model": "gpt-4o-mini", "choices": []}).encode()
+            f.response.timestamp_end = 1.1
+            addon.response(f)
+            refs.append(weakref.ref(f))
+            del f
+        await asyncio.sleep(0)
+
+    try:
+        asyncio.run(run())
+        gc.collect()
+        assert [r() for r in refs] == [None, None] and len(addon._unbuilt) == 2
+        addon._finish_pending()
+    finally:
+        ctx.__exit__(None, None, None)
+    assert [(r["model"], r["stream"], r["status"]) for r in cap.records] == [
+        ("gpt-4o-mini", True, 200), ("gpt-4o-mini", False, 200)]
+    assert cap.records[0]["output_tokens"] == 3
