@@ -416,3 +416,21 @@ def test_waiting_captures_compress_oldest_first_then_the_oldest_go(monkeypatch):
     assert blobs.put_later(6, evs[6], ALL_PARTS, MAX) == (True, [2])  # compressed first; still over
     assert blobs.ids() == [3, 6] and built == [1, 5, 6]
     assert c.bytes == sum(captures._weight(c._items[i]) for i in c.ids())
+
+
+def test_a_blob_holds_no_more_memory_than_its_length():
+    """The cache's bound counts ``len(blob)``: the blob must not keep the compressor's worst-case
+    output allocation (the input's size) behind a short result."""
+    import tracemalloc
+
+    cap = {"id": 1, "req_body": "the same words again " * 5000, "resp_body": None}
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        blobs = [compress(cap) for _ in range(20)]
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    held = sum(s.size_diff for s in after.compare_to(before, "lineno")) / len(blobs)
+    assert len(blobs[0]) < 2000 and held < len(blobs[0]) + 1024, (len(blobs[0]), held)
+    assert decompress(blobs[0]) == cap
