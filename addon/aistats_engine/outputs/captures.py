@@ -39,13 +39,14 @@ import base64
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
 import zstandard
 
 from ..record import redact
+from ..record.record import Record
 from ..wire.decoding import DecodedTooLarge, DecodeError
 from .bus import Finished
 
@@ -128,7 +129,7 @@ def capture_blob(event: Finished, parts: frozenset[str], max_body: int) -> bytes
     return None if cap is None else compress(cap)
 
 
-def _whole_exchange(rec: Any) -> bool:
+def _whole_exchange(rec: Record) -> bool:
     """A 2xx that did not fail: captured with its response body (the module doc's "when")."""
     status = rec.status
     return status is not None and 200 <= status < 300 and rec.error_type not in FAILURE_TYPES
@@ -311,7 +312,7 @@ class _Later:
 _bug_reported = False
 
 
-def _built(build: Any, later: _Later) -> Any:
+def _built(build: Callable[[Finished, frozenset[str], int], Any], later: _Later) -> Any:
     """``build(event, parts, max_body)``; a bug in it means no capture (reported once)."""
     global _bug_reported
     try:
