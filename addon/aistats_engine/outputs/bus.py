@@ -69,6 +69,11 @@ class Finished:
             text = self._json = orjson.dumps(self.record.to_dict(), default=str)
         return text
 
+    @property
+    def body_bytes(self) -> int:
+        """The raw bodies' size: what holding on to the event holds beyond the record."""
+        return len(self.request_raw or b"") + len(self.response_raw or b"")
+
     def without_bodies(self) -> Finished:
         """The same event without headers and bodies (and the record's JSON, if made, kept):
         what an output holds on to when it will not need them."""

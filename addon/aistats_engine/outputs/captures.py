@@ -296,7 +296,7 @@ class _Later:
 
     def __init__(self, event: Finished, parts: frozenset[str], max_body: int) -> None:
         self.event, self.parts, self.max_body = event, parts, max_body
-        self.size = (len(event.request_raw or b"") + len(event.response_raw or b"")
+        self.size = (event.body_bytes
                      + sum(len(k) + len(v) for fields in (event.request_fields,
                                                           event.response_fields)
                            for k, v in fields)
@@ -389,9 +389,8 @@ class CaptureCache:
         for an event ``capture_exists`` says has one (True, not None): ``has`` then tells."""
         if not self.max_bytes:
             return False, []
-        item: bytes | _Later | None = _Later(event, parts, max_body)
-        if item.size > self.max_bytes:  # type: ignore[union-attr]
-            item = item.blob()  # type: ignore[union-attr]
+        later = _Later(event, parts, max_body)
+        item = later if later.size <= self.max_bytes else later.blob()  # too big to wait
         with self._lock:
             if item is None:
                 return False, self._remove(id)

@@ -510,7 +510,7 @@ class Store:
         cache = self.captures
         skipped = False
         if cache is not None and cache.enabled:
-            size = len(event.request_raw or b"") + len(event.response_raw or b"")
+            size = event.body_bytes
             capture = True
         with self._cond:
             if rec.id > self._max_seen:
