@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict, deque
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from collections.abc import Callable
 
 from mitmproxy import exceptions, http
@@ -166,6 +166,9 @@ class AIStats:
         self._gathering = False  # a _finish_some is scheduled
         self._timer: asyncio.TimerHandle | None = None  # ... as the end of a gathering
         self._offline = False  # reading a flow file, and exiting when it is read (_offline_run)
+        # A flow file (-w) or a flow view (mitmweb, console) keeps flows: a stream's reading is
+        # then made in its response hook, to go with the flow (flow.metadata).
+        self._keep_reading = False
 
     # -- options ---------------------------------------------------------------------------
     def load(self, loader: Any) -> None:
@@ -173,10 +176,14 @@ class AIStats:
             loader.add_option(spec.name, spec.type, spec.default, spec.help)
 
     def configure(self, updated: set[str]) -> None:
+        from mitmproxy import ctx
+
+        if "save_stream_file" in updated or self.settings is None:
+            self._keep_reading = (bool(getattr(ctx.options, "save_stream_file", None))
+                                  or ctx.master.addons.get("view") is not None)
         if self.settings is not None and not any(
                 n.startswith("aistats_") or n == "termlog_verbosity" for n in updated):
             return
-        from mitmproxy import ctx
 
         if not self._running:
             self._offline = _offline_run(ctx.options)
@@ -442,27 +449,27 @@ class AIStats:
             resp = flow.response
             if st is None or resp is None:
                 return
-            # The request is complete by now: read it after this hook (on the next loop turn,
-            # once the response headers are on their way to the client), unless the rules'
-            # request phase must come first, or in a replay, which reads a whole file before
-            # the loop turns. Not in a ``request`` hook of its own: that would delay the
-            # request, and every hook an addon has is dispatched for every flow, LLM or not.
-            if st.rules is None and flow.live:
-                _soon(partial(self._late_request, st, flow))
-            else:
-                self._read_request(st, flow)
+            if st.rules is not None:
+                self._read_request(st, flow.request.raw_content)  # the rules' request phase first
             self._response_headers(st, resp)
-            if (st.framer is None or not flow.live or callable(resp.stream)
-                    or (st.rules is not None and st.rules.response_skipped)):
+            if st.framer is None or not flow.live or callable(resp.stream) or (
+                    st.rules is not None and st.rules.response_skipped):
                 return  # a whole body, a replay, a response the rules skip, or another
                 # addon already owns the stream
-            st.observer = self._stream_observer(st, flow)
+            if st.request_info is None:
+                # A stream's request is read on the next loop turn, once the response headers
+                # are on their way to the client (in-flight views show its model meanwhile); a
+                # whole body's is read with its record. Not in a ``request`` hook of its own:
+                # that would delay the request, and every hook an addon has is dispatched for
+                # every flow, LLM or not.
+                _soon(partial(self._late_request, st, flow))
+            st.observer = self._stream_observer(st, flow.request.timestamp_start)
             resp.stream = st.observe
 
     def _late_request(self, st: _FlowState, flow: http.HTTPFlow) -> None:
         if st.request_info is None:  # (a whole response may have finished the flow already)
             with self._guard(flow, "request"):
-                self._read_request(st, flow)
+                self._read_request(st, flow.request.raw_content)
 
     def _response_headers(self, st: _FlowState, resp: http.Response) -> None:
         """Stream or not (once per flow), and the rules' response-header moment; a content type
@@ -480,13 +487,12 @@ class AIStats:
             else:
                 rules.response_headers(headers)
 
-    def _stream_observer(self, st: _FlowState, flow: http.HTTPFlow) -> StreamObserver:
-        resp = flow.response
+    def _stream_observer(self, st: _FlowState, t_start: float) -> StreamObserver:
         cfg = self.settings
-        assert resp is not None and cfg is not None and st.framer is not None
+        assert cfg is not None and st.framer is not None
         observer = StreamObserver(st.match.fmt, st.framer(max_event=cfg.max_event),
                                   st.resp_headers.get("content-encoding"),
-                                  flow.request.timestamp_start, max_body=cfg.max_body,
+                                  t_start, max_body=cfg.max_body,
                                   max_chunk_times=cfg.max_chunk_times)
         if st.rules is not None and st.rules.wants_events:
             observer.reader.tap = st.rules.event
@@ -503,13 +509,12 @@ class AIStats:
             self._finish(flow)
 
     # -- finalisation ----------------------------------------------------------------------
-    def _read_request(self, st: _FlowState, flow: http.HTTPFlow) -> None:
+    def _read_request(self, st: _FlowState, raw: bytes | None) -> None:
         cfg = self.settings
-        req = flow.request
         rules = st.rules
         body: list[Any] = []
         st.request_info = read_request(
-            req.raw_content, st.req_headers.get("content-encoding"),
+            raw, st.req_headers.get("content-encoding"),
             cfg.max_body if cfg is not None else settings.DEFAULT_MAX_BODY,
             body.append if rules is not None else None,
             content_type=st.req_headers.get("content-type"), fmt=st.match)
@@ -520,23 +525,30 @@ class AIStats:
         st.req_headers = {k: v for k, v in st.req_headers.items() if k in keep}
 
     def _finish(self, flow: http.HTTPFlow) -> None:
+        """The flow's last hook: what the record needs of the flow is taken now; the reading
+        itself (request, body, the stream's rest) waits with it for the record (``_build``),
+        where it runs among other records' on warm caches, unless the flow carries the
+        reading on (a ``-w`` file, a flow view)."""
         st = self._flows.pop(flow.id, None)
         if st is None:
             return
         resp = flow.response
-        if st.request_info is None:
-            self._read_request(st, flow)
+        if st.request_info is None and st.rules is not None:
+            self._read_request(st, flow.request.raw_content)  # before the response phases
         if resp is not None and not st.response_seen:
             self._response_headers(st, resp)  # the responseheaders hook did not run
-        timing: StreamTiming | None = None
-        parsed: Parsed | None = None
-        try:
-            if st.rules is None or not st.rules.response_skipped:
-                timing, parsed = self._read_response(st, flow)
-            if parsed is not None and st.rules is not None and st.rules.cfg.disable_openai_usage:
-                parsed.usage, parsed.usage_source = Usage(), "missing"
-        except Exception as e:  # a reader failure still gives a record, marked
-            self._failed(flow.id, st, "finish", e)
+        observer, st.observer = st.observer, None  # (a late chunk or drain is ignored)
+        reading: _Unread | tuple[StreamTiming | None, Parsed | None] = (None, None)
+        if (resp is not None or observer is not None) and (
+                st.rules is None or not st.rules.response_skipped):
+            reading = _Unread(observer, flow.metadata.get(METADATA_KEY) if not flow.live else None,
+                              flow.error is None)
+            if observer is not None:
+                body = observer.take_body()
+                if resp is not None and body is not None and resp.raw_content is None:
+                    resp.raw_content = body  # so -w saves the streamed body; the client has it
+                if self._keep_reading:
+                    reading = self._read_now(st, flow, reading)
         rec_args = (_request_meta(flow, st.req_headers), st.match, st.request_info,
                     _response_meta(resp, st.resp_headers) if resp is not None else None)
         failure = Failure(flow.error.msg, flow.error.timestamp) if flow.error else None
@@ -545,18 +557,48 @@ class AIStats:
                req.path.partition("?")[2], req.raw_content, st.req_headers.get("content-encoding"),
                resp.raw_content if resp is not None else None,
                st.resp_headers.get("content-encoding"))
-        st.observer = None  # read: its copy of the chunks can go now
-        self._emit(partial(self._build, st, flow.id, rec_args, parsed, timing, failure,
+        self._emit(partial(self._build, st, flow.id, rec_args, reading, failure,
                            req.timestamp_start, raw), flow.live)
 
-    def _build(self, st: _FlowState, flow_id: str, rec_args: tuple, parsed: Parsed | None,
-               timing: StreamTiming | None, failure: Failure | None, t_start: float,
-               raw: tuple) -> Finished:
-        """The record, made on a later loop turn than the reading (a stretch of its own:
-        other connections' chunks wait for each stretch, not for their sum). What waits for it
-        holds no reference to the flow, which mitmproxy frees after its hooks as it would
-        without aistats: a waiting flow's objects would be traversed by every garbage
+    def _read_now(self, st: _FlowState, flow: http.HTTPFlow, unread: _Unread
+                  ) -> tuple[StreamTiming | None, Parsed | None]:
+        """A live stream's reading, kept with the flow: a replay without rules then takes it
+        instead of reading the body again (rules need the events)."""
+        try:
+            timing, parsed = self._read_response(st, unread, None, flow.request.timestamp_start)
+        except Exception as e:  # a reader failure still gives a record, marked
+            self._failed(flow.id, st, "finish", e)
+            return None, None
+        if timing is not None and parsed is not None:
+            flow.metadata[METADATA_KEY] = {
+                "v": METADATA_VERSION, "timing": timing.to_plain(), "parsed": parsed.to_plain()}
+        return timing, parsed
+
+    def _build(self, st: _FlowState, flow_id: str, rec_args: tuple,
+               reading: _Unread | tuple[StreamTiming | None, Parsed | None],
+               failure: Failure | None, t_start: float, raw: tuple) -> Finished:
+        """The record, made on a later loop turn than the flow's last hook (a stretch of its
+        own: other connections' chunks wait for each stretch, not for their sum). What waits
+        for it holds no reference to the flow, which mitmproxy frees after its hooks as it
+        would without aistats: a waiting flow's objects would be traversed by every garbage
         collection meanwhile, and promoted to the older generations."""
+        if st.request_info is None:
+            try:
+                self._read_request(st, raw[3])
+            except Exception as e:
+                self._failed(flow_id, st, "request", e)
+            if st.request_info is None:
+                st.request_info = RequestInfo()
+            rec_args = (rec_args[0], rec_args[1], st.request_info, rec_args[3])
+        if isinstance(reading, _Unread):
+            try:
+                reading = self._read_response(st, reading, raw[5], t_start)
+            except Exception as e:  # a reader failure still gives a record, marked
+                self._failed(flow_id, st, "finish", e)
+                reading = (None, None)
+        timing, parsed = reading
+        if parsed is not None and st.rules is not None and st.rules.cfg.disable_openai_usage:
+            parsed.usage, parsed.usage_source = Usage(), "missing"
         stream = st.framer is not None
         try:
             rec = build_record(next(self._ids), *rec_args, parsed, stream, timing, failure,
@@ -568,44 +610,33 @@ class AIStats:
         t_end = exchange_end(rec_args[0], rec_args[3], timing, failure)
         return Finished(rec, t_start, t_end if t_end is not None else rec_args[0].t_start, *raw)
 
-    def _read_response(self, st: _FlowState, flow: http.HTTPFlow
-                       ) -> tuple[StreamTiming | None, Parsed | None]:
-        resp = flow.response
-        if st.observer is not None:  # live stream: read in batches as it went, finished here
-            parsed = st.observer.finish(complete=flow.error is None)
-            timing = st.observer.timing()
-            body = st.observer.body()
-            if resp is not None and body is not None and resp.raw_content is None:
-                resp.raw_content = body  # so -w saves the streamed body; the client has it already
-            # The reading is kept with the flow even when the body is: a replay without rules
-            # then takes it instead of reading the body again (rules need the events).
-            flow.metadata[METADATA_KEY] = {
-                "v": METADATA_VERSION,
-                "timing": timing.to_plain(),
-                "parsed": parsed.to_plain(),
-            }
-            return timing, parsed
-        if resp is None:
-            return None, None
-        timing, parsed = None, None
-        md = flow.metadata.get(METADATA_KEY) if not flow.live else None
-        if isinstance(md, dict) and md.get("v") in (1, METADATA_VERSION):
-            timing = StreamTiming.from_plain(md.get("timing") or {})
-            if (md.get("parsed") and md.get("v") == METADATA_VERSION
-                    and (st.rules is None or resp.raw_content is None)):
-                parsed = Parsed.from_plain(md["parsed"])
-        if parsed is None:
-            parsed = self._parse_stored(st, flow)
+    def _read_response(self, st: _FlowState, unread: _Unread, body: bytes | None,
+                       t_start: float) -> tuple[StreamTiming | None, Parsed | None]:
+        """A stream's rest (read in batches as it went), or a stored reading (a replay of a
+        live run), or the whole body."""
+        if unread.observer is not None:
+            parsed = unread.observer.finish(complete=unread.complete)
+            timing: StreamTiming | None = unread.observer.timing()
+        else:
+            timing, parsed = None, None
+            md = unread.metadata
+            if isinstance(md, dict) and md.get("v") in (1, METADATA_VERSION):
+                timing = StreamTiming.from_plain(md.get("timing") or {})
+                if (md.get("parsed") and md.get("v") == METADATA_VERSION
+                        and (st.rules is None or body is None)):
+                    parsed = Parsed.from_plain(md["parsed"])
+            if parsed is None:
+                parsed = self._parse_stored(st, body, t_start, unread.complete)
         return timing, parsed
 
-    def _parse_stored(self, st: _FlowState, flow: http.HTTPFlow) -> Parsed:
-        resp = flow.response
-        assert resp is not None and self.settings is not None
+    def _parse_stored(self, st: _FlowState, body: bytes | None, t_start: float,
+                      complete: bool) -> Parsed:
+        assert self.settings is not None
         if st.framer is not None:
-            obs = self._stream_observer(st, flow)
-            obs.feed_all(resp.raw_content or b"")
-            return obs.finish(complete=flow.error is None)
-        return parse_body(st.match.fmt, resp.raw_content, st.resp_headers.get("content-encoding"),
+            obs = self._stream_observer(st, t_start)
+            obs.feed_all(body or b"")
+            return obs.finish(complete=complete)
+        return parse_body(st.match.fmt, body, st.resp_headers.get("content-encoding"),
                           max_body=self.settings.max_body,
                           tap=st.rules.body if st.rules is not None else None)
 
@@ -682,6 +713,14 @@ class AIStats:
         out = self.bus.get("metrics")
         if isinstance(out, MetricsOutput):
             out.dropped(output, n)
+
+
+class _Unread(NamedTuple):
+    """What reading a finished flow's response takes, without the flow."""
+
+    observer: StreamObserver | None  # a live stream's, with the chunks not read yet
+    metadata: Any  # a replayed flow's stored reading (flow.metadata), if any
+    complete: bool  # no error ended the flow
 
 
 class _ReplayProgress:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 from collections.abc import Iterable
 
 from mitmproxy import http
+from mitmproxy.addons import save
 from mitmproxy.io import FlowReader, FlowWriter
 from mitmproxy.test import taddons, tflow, tutils
 
@@ -125,10 +127,15 @@ def run_replay(addon: aistats.AIStats, f: http.HTTPFlow) -> None:
         addon.error(f)
 
 
-def new_addon(**options) -> tuple[aistats.AIStats, taddons.context, Capture]:
+def new_addon(saved: bool = False, **options) -> tuple[aistats.AIStats, taddons.context, Capture]:
+    """The addon in a test context. ``saved``: as under ``mitmdump -w`` (mitmproxy's save addon
+    and its option, writing to the null device), where a stream's reading goes with its flow
+    for a replay; without it, as under plain mitmdump, it waits for the record."""
     addon = aistats.AIStats()
-    ctx = taddons.context(addon)
+    ctx = taddons.context(addon, *([save.Save()] if saved else []))
     ctx.__enter__()
+    if saved:
+        options = {"save_stream_file": os.devnull, **options}
     if options:
         ctx.configure(addon, **options)
     else:

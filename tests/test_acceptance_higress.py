@@ -63,7 +63,7 @@ def check_counters(case: dict, inc: dict[str, float], moved: list[dict]) -> list
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_engine_live_and_replay(case, tmp_path):
-    addon, ctx, cap = new_addon(aistats_config=str(write_config(case, tmp_path)))
+    addon, ctx, cap = new_addon(saved=True, aistats_config=str(write_config(case, tmp_path)))
     try:
         req = case["request"]
         f = make_flow(req["method"], req["path"], req.get("headers", {}), req["body"].encode(),

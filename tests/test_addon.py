@@ -18,9 +18,19 @@ SSE = {"Content-Type": "text/event-stream"}
 CHAT_REQ = b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 
 
+@pytest.fixture(params=[False, True], ids=["mitmdump", "mitmdump -w"])
+def env(request):
+    """The addon as under plain mitmdump, and as under ``-w`` (a stream's reading made in the
+    response hook, to go with the flow)."""
+    addon, ctx, cap = new_addon(saved=request.param)
+    yield addon, cap
+    ctx.__exit__(None, None, None)
+
+
 @pytest.fixture
-def env():
-    addon, ctx, cap = new_addon()
+def saved_env():
+    """As under ``mitmdump -w``: the flows saved, then replayed."""
+    addon, ctx, cap = new_addon(saved=True)
     yield addon, cap
     ctx.__exit__(None, None, None)
 
@@ -47,13 +57,16 @@ def test_stream_record_timings_and_metadata(env):
     assert rec["observed_tokens_per_second"] == pytest.approx(2 / (rec["decode_ms"] / 1000), rel=1e-3)
     assert (rec["client"], rec["session_id"], rec["chat_round"]) == ("openai-python", "s1", 1)
     assert f.response.raw_content == OPENAI_CHAT  # restored, so -w files are complete
+    if not addon._keep_reading:  # plain mitmdump: read with the record, nothing kept
+        assert "aistats" not in f.metadata
+        return
     md = f.metadata["aistats"]
     json.dumps(md)  # plain types only
     assert md["timing"]["content_events"] == 2 and md["parsed"]["usage"][:2] == [12, 3]
 
 
-def test_replay_identical_and_foreign_flow_has_null_stream_timings(env):
-    addon, cap = env
+def test_replay_identical_and_foreign_flow_has_null_stream_timings(saved_env):
+    addon, cap = saved_env
     f = run_live(addon, chat_flow(), 200, SSE, chunks_of(OPENAI_CHAT), OPENAI_CHAT)
     g = roundtrip(f)
     run_replay(addon, g)
@@ -96,7 +109,7 @@ def test_exception_in_a_hook_is_contained(env, monkeypatch, caplog):
 
 
 def test_capped_stream_is_marked_and_replays_from_metadata():
-    addon, ctx, cap = new_addon(aistats_max_body="100")
+    addon, ctx, cap = new_addon(saved=True, aistats_max_body="100")
     try:
         f = run_live(addon, chat_flow(), 200, SSE, chunks_of(OPENAI_CHAT), OPENAI_CHAT)
         rec = cap.records[0]
@@ -109,8 +122,8 @@ def test_capped_stream_is_marked_and_replays_from_metadata():
         ctx.__exit__(None, None, None)
 
 
-def test_upstream_abort_keeps_usage_seen_so_far(env):
-    addon, cap = env
+def test_upstream_abort_keeps_usage_seen_so_far(saved_env):
+    addon, cap = saved_env
     cut = ANTHROPIC[: ANTHROPIC.index(b"event: message_stop") + 12]  # mid-event
     f = make_flow("POST", "/v1/messages", {"Content-Type": "application/json"},
                   b'{"model":"claude-sonnet-4-5","stream":true,"messages":[{"role":"user","content":"x"}]}')
@@ -317,11 +330,12 @@ def test_live_records_gathered_then_made_in_slices_and_bounded(monkeypatch):
     assert [r["model"] for r in cap.records] == ["m%d" % i for i in range(n)]
 
 
-def test_request_read_after_the_response_headers_hook_unless_the_rules_need_it(tmp_path):
+def test_request_read_off_the_response_headers_path_unless_the_rules_need_it(tmp_path):
     """Parsing a request body (a long conversation: up to a millisecond) is kept off the path of
-    the response headers to the client: a live flow's request is read on the next loop turn. A
-    replay reads it in the hook (the loop does not turn between flows), and so do attribute
-    rules, whose request phase comes before the response's."""
+    the response headers to the client: a live stream's request is read on the next loop turn
+    (in-flight views show its model meanwhile); a whole body's, or a replayed flow's, with its
+    record. Attribute rules read it in the hook: their request phase comes before the
+    response's."""
     import asyncio
 
     from flowkit import set_response
@@ -331,26 +345,29 @@ def test_request_read_after_the_response_headers_hook_unless_the_rules_need_it(t
                      "    value: messages.0.content\n")
     seen: dict[str, object] = {}
 
-    async def hooks(addon: aistats.AIStats, live: bool, name: str) -> None:
+    async def hooks(addon: aistats.AIStats, live: bool, name: str, headers: dict) -> None:
         f = chat_flow()
         f.live = live
         addon.requestheaders(f)
-        set_response(f, 200, SSE, 1.0)
+        set_response(f, 200, headers, 1.0)
         addon.responseheaders(f)
         st = addon._flows[f.id]
         seen[name] = st.request_info.model if st.request_info else None
         await asyncio.sleep(0)
-        seen[name + " next turn"] = st.request_info.model
+        seen[name + " next turn"] = st.request_info.model if st.request_info else None
 
-    for name, live, options in (("live", True, {}), ("replay", False, {}),
-                                ("rules", True, {"aistats_config": str(rules)})):
+    json_headers = {"Content-Type": "application/json"}
+    for name, live, options, headers in (
+            ("live", True, {}, SSE), ("replay", False, {}, SSE), ("whole", True, {}, json_headers),
+            ("rules", True, {"aistats_config": str(rules)}, SSE)):
         addon, ctx, _ = new_addon(**options)
         try:
-            asyncio.run(hooks(addon, live, name))
+            asyncio.run(hooks(addon, live, name, headers))
         finally:
             ctx.__exit__(None, None, None)
     assert seen == {"live": None, "live next turn": "gpt-4o-mini",
-                    "replay": "gpt-4o-mini", "replay next turn": "gpt-4o-mini",
+                    "replay": None, "replay next turn": None,
+                    "whole": None, "whole next turn": None,
                     "rules": "gpt-4o-mini", "rules next turn": "gpt-4o-mini"}
 
 

@@ -139,7 +139,9 @@ def test_framer_for_content_types():
 @pytest.mark.parametrize("name", list(STREAMS))
 def test_batched_reading_times_events_like_chunk_by_chunk(name, drain_bytes, monkeypatch):
     """The live path keeps chunks and reads them in batches (event positions → chunk times);
-    past the cap it reads chunk by chunk. All must time every event alike."""
+    past the cap it reads chunk by chunk. All must time every event alike, also when the body is
+    taken for the flow (``take_body``, which shrinks the kept copy to the unread chunks) before
+    the rest is read."""
     from aistats_engine import observer
     monkeypatch.setattr(observer, "DRAIN_BYTES", drain_bytes)
     api, ctype, enc, body = STREAMS[name]
@@ -149,13 +151,19 @@ def test_batched_reading_times_events_like_chunk_by_chunk(name, drain_bytes, mon
         chunks = [body[a:b] for a, b in zip([0] + cuts, cuts + [len(body)])]
         results = []
         # buffered whole reading / chunk by chunk from the start / switching part way
-        for max_body in (1 << 20, 1, len(body) // 3):
+        for max_body, take in ((1 << 20, False), (1 << 20, True), (1, True),
+                               (len(body) // 3, False), (len(body) // 3, True)):
             obs = StreamObserver(api, framer_for(ctype)(), enc, t_start=0.0, max_body=max_body)
             scheduled = False  # as the addon does: one drain per loop turn, rescheduled if more
             for i, c in enumerate(chunks):
                 scheduled |= obs.feed(c, now=0.001 * (i + 1))
                 if scheduled:
                     scheduled = obs.drain(limit=drain_bytes * 2)
+            if take:
+                kept = obs.take_body()
+                assert kept == (body if max_body > len(body) else None)
+                if kept is not None:
+                    assert obs.bytes_seen <= len(body)  # the unread chunks only
             parsed = obs.finish(complete=True)
             parsed.problems = [p for p in parsed.problems if "not saved" not in p.detail]
             results.append((parsed, obs.timing()))

@@ -372,9 +372,21 @@ class StreamObserver:
         """Response body bytes received so far (as on the wire), for in-flight views."""
         return len(self._buf) if self._buf is not None else self._capped_bytes
 
-    def body(self) -> bytes | None:
-        """The raw body seen so far, or None when it went over the cap."""
-        return bytes(self._buf) if self._buf is not None else None
+    def take_body(self) -> bytes | None:
+        """The raw body seen so far, or None when it went over the cap. What is kept for
+        reading shrinks to the chunks not read yet: a stream read after its flow has gone then
+        holds one copy of its body, not two."""
+        buf = self._buf
+        if buf is None:
+            return None
+        body = bytes(buf)
+        start = self._read_upto
+        if start:
+            with memoryview(body) as view:
+                self._buf = bytearray(view[start:])
+            self._read_upto = 0
+            self._chunk_ends = [e - start for e in self._chunk_ends]
+        return body
 
     def finish(self, complete: bool) -> Parsed:
         """End of stream. ``complete`` is False when the stream was cut (abort, disconnect)."""
