@@ -179,8 +179,7 @@ class AIStats:
         from mitmproxy import ctx
 
         if "save_stream_file" in updated or self.settings is None:
-            self._keep_reading = (bool(getattr(ctx.options, "save_stream_file", None))
-                                  or ctx.master.addons.get("view") is not None)
+            self._keep_reading = _flows_kept()
         if self.settings is not None and not any(
                 n.startswith("aistats_") or n == "termlog_verbosity" for n in updated):
             return
@@ -365,6 +364,7 @@ class AIStats:
         return out
 
     def running(self) -> None:
+        self._keep_reading = _flows_kept()  # (every addon is loaded by now)
         if self.settings is not None:
             log.info("aistats: %s", self.settings.describe())
             if self._offline:
@@ -549,15 +549,15 @@ class AIStats:
                     resp.raw_content = body  # so -w saves the streamed body; the client has it
                 if self._keep_reading:
                     reading = self._read_now(st, flow, reading)
-        rec_args = (_request_meta(flow, st.req_headers), st.match, st.request_info,
-                    _response_meta(resp, st.resp_headers) if resp is not None else None)
+        metas = (_request_meta(flow, st.req_headers),
+                 _response_meta(resp, st.resp_headers) if resp is not None else None)
         failure = Failure(flow.error.msg, flow.error.timestamp) if flow.error else None
         req = flow.request
         raw = (req.headers.fields, resp.headers.fields if resp is not None else (),
                req.path.partition("?")[2], req.raw_content, st.req_headers.get("content-encoding"),
                resp.raw_content if resp is not None else None,
                st.resp_headers.get("content-encoding"))
-        self._emit(partial(self._build, st, flow.id, rec_args, reading, failure,
+        self._emit(partial(self._build, st, flow.id, metas, reading, failure,
                            req.timestamp_start, raw), flow.live)
 
     def _read_now(self, st: _FlowState, flow: http.HTTPFlow, unread: _Unread
@@ -569,12 +569,13 @@ class AIStats:
         except Exception as e:  # a reader failure still gives a record, marked
             self._failed(flow.id, st, "finish", e)
             return None, None
-        if timing is not None and parsed is not None:
-            flow.metadata[METADATA_KEY] = {
-                "v": METADATA_VERSION, "timing": timing.to_plain(), "parsed": parsed.to_plain()}
+        assert timing is not None and parsed is not None  # (a stream's)
+        flow.metadata[METADATA_KEY] = {
+            "v": METADATA_VERSION, "timing": timing.to_plain(), "parsed": parsed.to_plain()}
         return timing, parsed
 
-    def _build(self, st: _FlowState, flow_id: str, rec_args: tuple,
+    def _build(self, st: _FlowState, flow_id: str,
+               metas: tuple[RequestMeta, ResponseMeta | None],
                reading: _Unread | tuple[StreamTiming | None, Parsed | None],
                failure: Failure | None, t_start: float, raw: tuple) -> Finished:
         """The record, made on a later loop turn than the flow's last hook (a stretch of its
@@ -587,9 +588,6 @@ class AIStats:
                 self._read_request(st, raw[3])
             except Exception as e:
                 self._failed(flow_id, st, "request", e)
-            if st.request_info is None:
-                st.request_info = RequestInfo()
-            rec_args = (rec_args[0], rec_args[1], st.request_info, rec_args[3])
         if isinstance(reading, _Unread):
             try:
                 reading = self._read_response(st, reading, raw[5], t_start)
@@ -599,16 +597,18 @@ class AIStats:
         timing, parsed = reading
         if parsed is not None and st.rules is not None and st.rules.cfg.disable_openai_usage:
             parsed.usage, parsed.usage_source = Usage(), "missing"
+        req_meta, resp_meta = metas
+        args = (req_meta, st.match, st.request_info or RequestInfo(), resp_meta)
         stream = st.framer is not None
         try:
-            rec = build_record(next(self._ids), *rec_args, parsed, stream, timing, failure,
+            rec = build_record(next(self._ids), *args, parsed, stream, timing, failure,
                                self._attribution, tuple(st.failed), st.rules)
         except Exception as e:
             self._failed(flow_id, st, "record", e)
-            rec = build_record(next(self._ids), *rec_args, None, stream, None, failure,
+            rec = build_record(next(self._ids), *args, None, stream, None, failure,
                                self._attribution, tuple(st.failed))
-        t_end = exchange_end(rec_args[0], rec_args[3], timing, failure)
-        return Finished(rec, t_start, t_end if t_end is not None else rec_args[0].t_start, *raw)
+        t_end = exchange_end(req_meta, resp_meta, timing, failure)
+        return Finished(rec, t_start, t_end if t_end is not None else req_meta.t_start, *raw)
 
     def _read_response(self, st: _FlowState, unread: _Unread, body: bytes | None,
                        t_start: float) -> tuple[StreamTiming | None, Parsed | None]:
@@ -778,6 +778,14 @@ def _offline_run(options: Any) -> bool:
     API or /metrics of such a run, or at an in-memory store after it: they are not made."""
     return (bool(getattr(options, "rfile", None)) and not getattr(options, "server", True)
             and not getattr(options, "keepserving", True))
+
+
+def _flows_kept() -> bool:
+    """A flow file (``-w``) is written, or a flow view (mitmweb, console) keeps the flows."""
+    from mitmproxy import ctx
+
+    return (bool(getattr(ctx.options, "save_stream_file", None))
+            or ctx.master.addons.get("view") is not None)
 
 
 def _later(delay: float, fn: Callable[[], None]) -> asyncio.TimerHandle | None:

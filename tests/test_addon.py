@@ -12,7 +12,7 @@ from mitmproxy.test import taddons
 import aistats
 from casekit import drop_ids
 from fixtures import ANTHROPIC, OPENAI_CHAT
-from flowkit import make_flow, new_addon, roundtrip, run_live, run_replay
+from flowkit import Capture, make_flow, new_addon, roundtrip, run_live, run_replay
 
 SSE = {"Content-Type": "text/event-stream"}
 CHAT_REQ = b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}'
@@ -414,3 +414,33 @@ def test_a_finished_flow_is_not_held_while_its_record_waits(monkeypatch):
     assert [(r["model"], r["stream"], r["status"]) for r in cap.records] == [
         ("gpt-4o-mini", True, 200), ("gpt-4o-mini", False, 200)]
     assert cap.records[0]["output_tokens"] == 3
+
+
+def test_a_streams_reading_goes_with_the_flow_only_where_flows_are_kept():
+    """A flow file (``-w``: mitmproxy's save_stream_file) or a flow view (mitmweb, console: the
+    ``view`` addon) keeps flows: a stream's reading is then made in its response hook and kept
+    in flow.metadata, for a replay. Plain mitmdump makes it with the record instead, off the
+    hook. The record is the same either way; the option may also be set at run time."""
+    import os
+
+    from mitmproxy.addons import save, view
+    from mitmproxy.test import taddons
+
+    records = []
+    for extra, options, kept, later in (
+            ([], {}, False, False),
+            ([save.Save()], {"save_stream_file": os.devnull}, True, False),
+            ([view.View()], {}, True, False),
+            ([save.Save()], {}, False, True)):
+        addon = aistats.AIStats()
+        with taddons.context(*extra, addon) as ctx:  # (mitmweb adds its view first)
+            ctx.configure(addon, **options)
+            cap = Capture(addon)
+            f = run_live(addon, chat_flow(), 200, SSE, chunks_of(OPENAI_CHAT), OPENAI_CHAT)
+            assert ("aistats" in f.metadata) == kept, (extra, options)
+            records.append({k: v for k, v in drop_ids(cap.records[0]).items() if k != "flow_id"})
+            if later:  # -w set at run time (mitmweb, console)
+                ctx.options.update(save_stream_file=os.devnull)
+                g = run_live(addon, chat_flow(), 200, SSE, chunks_of(OPENAI_CHAT), OPENAI_CHAT)
+                assert "aistats" in g.metadata
+    assert all(r == records[0] for r in records)
