@@ -151,6 +151,17 @@ def test_stream_rules_first_replace_append_skip_empty_values():
     assert rec.attributes == {"first": "A", "replace": "B", "append": "AB"}
 
 
+def test_append_keeps_every_piece_in_order_per_attribute():
+    """Appended pieces are kept apart per attribute and joined once, at the end."""
+    c = cfg(attributes=[{"key": k, "value_source": "response_streaming_body", "value": path,
+                         "rule": "append", "apply_to_log": True} for k, path in (("a", "t"), ("b", "u"))])
+    events = [{"t": str(i), "u": chr(65 + i)} for i in range(20)]
+    rec, rules = run_rules(c, events=events)
+    assert rec.attributes == {"a": "".join(str(i) for i in range(20)),
+                              "b": "".join(chr(65 + i) for i in range(20))}
+    assert not rules.truncated
+
+
 def test_append_is_bounded_and_marked():
     c = cfg(attributes=[{"key": "a", "value_source": "response_streaming_body",
                          "value": "t", "rule": "append", "apply_to_log": True}])

@@ -50,14 +50,17 @@ def truncate(value: Any, limit: int) -> Any:
 class FlowRules:
     """The rule state of one flow."""
 
-    __slots__ = ("cfg", "_values", "_stream", "_builtins", "_bytes", "_max_bytes", "truncated",
-                 "wants_events", "response_skipped")
+    __slots__ = ("cfg", "_values", "_stream", "_appended", "_builtins", "_bytes", "_max_bytes",
+                 "truncated", "wants_events", "response_skipped")
 
     def __init__(self, cfg: RulesConfig, api: str | None,
                  max_bytes: int = DEFAULT_MAX_ATTRIBUTE_BYTES) -> None:
         self.cfg = cfg
         self._values: dict[tuple[str, int], Any] = {}  # (source, attribute index) → value
-        self._stream: dict[int, Any] = {}  # streaming rules' running values
+        self._stream: dict[int, Any] = {}  # streaming rules' running values (first, replace)
+        # ... and the ``append`` rules' pieces, joined once at the end: adding each piece to the
+        # text so far would copy it per event (a long answer: quadratic, on the event loop).
+        self._appended: dict[int, list[str]] = {}
         builtins = cfg.builtins
         self._builtins = BuiltinExtractor(api, builtins, max_bytes) if builtins else None
         self._bytes = 0
@@ -103,7 +106,11 @@ class FlowRules:
                 if self._bytes > self._max_bytes:
                     self.truncated = True
                     continue
-                self._stream[a.index] = self._stream.get(a.index, "") + piece
+                pieces = self._appended.get(a.index)
+                if pieces is None:
+                    self._appended[a.index] = [piece]
+                else:
+                    pieces.append(piece)
             elif a.rule == "replace" or a.index not in self._stream:
                 self._stream[a.index] = v
 
@@ -132,7 +139,8 @@ class FlowRules:
                 if source not in a.sources:
                     continue
                 if stream:
-                    v = self._stream.get(a.index)
+                    pieces = self._appended.get(a.index)
+                    v = "".join(pieces) if pieces else self._stream.get(a.index)
                     if _empty(v) and a.builtin and self._builtins is not None:
                         v = self._builtins.value(a.key, source)
                 elif (source, a.index) in self._values:
