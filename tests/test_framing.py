@@ -89,6 +89,49 @@ def test_oversized_event_dropped_whole_whatever_the_chunking():
     assert one.oversized == many.oversized == 1
 
 
+@pytest.mark.parametrize("kind", ["sse", "ndjson"])
+def test_holding_an_open_events_chunks_changes_nothing(kind):
+    """Chunks of an event kept open are held unjoined (``_held``: a large event must not be
+    copied per chunk). Against the same framer that joins every chunk at once, after each
+    chunk: the same events so far (by ``feed``, and by ``feed_data``/``feed_positions``
+    falling back to ``feed`` as the observer does), with the same positions, and at the end the
+    same pending bytes, close and oversized count. Streams mix CRLF and bare CR, comments,
+    named and multi-line events, events over ``max_event``, and long events in many chunks."""
+    rng = random.Random(11)
+    cls = SSEFramer if kind == "sse" else NDJSONFramer
+    joining = type("Joining", (cls,), {"_held": lambda self, data, end: False})
+    if kind == "sse":
+        pieces = [b"data: {\"a\":1}\n\n", b"data: " + b"x" * 150 + b"\n\n", b"event: e\ndata: y\n\n",
+                  b": ping\n\n", b"data: l1\ndata: l2\n\n", b"data: z\r\n\r\n", b"data: w\r\r",
+                  b"data: " + b"y" * 70 + b"\n\n", b"\n", b"data: " + b"q" * 60]
+    else:
+        pieces = [b'{"a":1}\n', b'{"b":"' + b"x" * 150 + b'"}\n', b"\n", b'{"c":2}\r\n',
+                  b'{"d":"' + b"y" * 70 + b'"}\n', b'{"e":"' + b"q" * 60]
+    held = 0
+    for _ in range(400):
+        body = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+        cuts = sorted(set(rng.sample(range(1, len(body)), k=min(len(body) - 1, rng.randint(1, 40)))))
+        chunks = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])]
+        for method in ("feed", "feed_data", "feed_positions"):
+            if not hasattr(cls, method):
+                continue
+            f, ref = cls(max_event=100), joining(max_event=100)
+            for c in chunks:
+                got, want = getattr(f, method)(c), getattr(ref, method)(c)
+                if got is None or want is None:  # not taken: the observer falls back to feed
+                    got = f.feed(c) if got is None else got
+                    want = ref.feed(c) if want is None else want
+                    if isinstance(got, tuple):
+                        got = [(None, e) for e in got[0]]
+                    if isinstance(want, tuple):
+                        want = [(None, e) for e in want[0]]
+                assert got == want, (method, chunks)
+                held += bool(f._open)
+            assert (f.pending(), f.oversized) == (ref.pending(), ref.oversized)
+            assert f.close() == ref.close()
+    assert held > 1000  # the held path was taken
+
+
 def test_ndjson_framer():
     f = NDJSONFramer()
     assert [e[1] for e in f.feed(b'{"a":1}\n\n{"b"')] == [b'{"a":1}']

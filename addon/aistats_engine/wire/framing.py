@@ -22,17 +22,49 @@ Event = tuple[str | None, bytes]
 class _TextFramer:
     """State shared by the text framers: at most one partial event, bounded by ``max_event``."""
 
-    __slots__ = ("_buf", "max_event", "oversized", "_skipping")
+    __slots__ = ("_buf", "_open", "_open_len", "max_event", "oversized", "_skipping")
 
     def __init__(self, max_event: int = 4 << 20) -> None:
         self._buf = b""
+        # Later pieces of the event kept in ``_buf``, not joined to it yet (``_held``).
+        self._open: list[bytes] = []
+        self._open_len = 0
         self.max_event = max_event
         self.oversized = 0
         self._skipping = False
 
     def pending(self) -> bytes:
         """Bytes of an unterminated event (a stream that ended mid-event)."""
+        self._join()
         return self._buf
+
+    def _held(self, data: bytes, end: bytes) -> bool:
+        """Keep ``data`` as one more piece of the event being kept, without joining it, when it
+        cannot end that event: no ``end`` in it nor across the join, no carriage return, and
+        the event within ``max_event``. Joining each chunk of a large event (a streamed image:
+        megabytes of base64) copied and searched the whole event again per chunk. Processing
+        the joined pieces later gives what processing each at once would have: none of them
+        completes an event, and the framers give the same events however a stream is cut."""
+        buf = self._buf
+        if (not buf or self._skipping or end in data or b"\r" in data
+                or len(buf) + self._open_len + len(data) > self.max_event):
+            return False
+        last = self._open[-1] if self._open else buf
+        if last[-1:] == b"\r":  # a CR kept back (half a CRLF?): the normal path decides
+            return False
+        k = len(end) - 1
+        if k and end in last[-k:] + data[:k]:
+            return False
+        self._open.append(data)
+        self._open_len += len(data)
+        return True
+
+    def _join(self) -> None:
+        """The held pieces joined to ``_buf``: one copy for all of them."""
+        if self._open:
+            self._buf = b"".join([self._buf, *self._open])
+            self._open.clear()
+            self._open_len = 0
 
     def at_boundary(self) -> bool:
         """Between two events: nothing kept, nothing being skipped."""
@@ -49,6 +81,9 @@ class SSEFramer(_TextFramer):
     __slots__ = ()
 
     def feed(self, data: bytes) -> list[Event]:
+        if self._held(data, b"\n\n"):
+            return []
+        self._join()
         buf = self._buf + data if self._buf else data
         if b"\r" in buf:
             # A trailing CR may be the first half of a CRLF split across chunks: keep it back.
@@ -66,6 +101,9 @@ class SSEFramer(_TextFramer):
         completed it (the second newline), i.e. the byte whose arrival made ``feed`` emit it.
         None, with nothing consumed, when positions would not map back to the raw bytes
         (carriage returns are normalised) — then feed the chunks one by one."""
+        if self._held(data, b"\n\n"):
+            return []
+        self._join()
         if self._skipping or b"\r" in data or b"\r" in self._buf:
             return None
         shift = len(self._buf)
@@ -79,8 +117,11 @@ class SSEFramer(_TextFramer):
         data and positions, found with whole-batch operations instead of a loop per event.
         None, with nothing consumed, for any other batch (names, comments, multi-line data,
         empty events, carriage returns, possibly oversized events)."""
+        if self._held(data, b"\n\n"):
+            return [], []
         if self._skipping:
             return None
+        self._join()
         shift = len(self._buf)
         text = self._buf + data if shift else data
         if len(text) > self.max_event or b"\r" in text:
@@ -107,6 +148,7 @@ class SSEFramer(_TextFramer):
 
     def close(self) -> list[Event]:
         """Flush at end of stream: a final event without its blank line still counts."""
+        self._join()
         rest, self._buf = self._buf, b""
         rest = rest.replace(b"\r", b"")
         if not rest.strip():
@@ -189,6 +231,9 @@ class NDJSONFramer(_TextFramer):
     __slots__ = ()
 
     def feed(self, data: bytes) -> list[Event]:
+        if self._held(data, b"\n"):
+            return []
+        self._join()
         buf = self._buf + data if self._buf else data
         lines = buf.split(b"\n")
         self._buf = _keep_rest(self, lines, len(buf))
@@ -197,13 +242,17 @@ class NDJSONFramer(_TextFramer):
     def feed_positions(self, data: bytes) -> list[tuple[str | None, bytes, int]] | None:
         """Like SSEFramer.feed_positions: events of a whole body with the offset of their
         newline."""
+        if self._held(data, b"\n"):
+            return []
         if self._skipping:
             return None
+        self._join()
         shift = len(self._buf)
         return [(None, s, end - shift) for line, end in _blocks(self, self._buf + data, b"\n")
                 if (s := line.strip())]
 
     def close(self) -> list[Event]:
+        self._join()
         rest, self._buf = self._buf.strip(), b""
         return [(None, rest)] if rest else []
 
