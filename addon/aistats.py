@@ -569,9 +569,9 @@ class AIStats:
         except Exception as e:  # a reader failure still gives a record, marked
             self._failed(flow.id, st, "finish", e)
             return None, None
-        assert timing is not None and parsed is not None  # (a stream's)
-        flow.metadata[METADATA_KEY] = {
-            "v": METADATA_VERSION, "timing": timing.to_plain(), "parsed": parsed.to_plain()}
+        if timing is not None and parsed is not None:  # (always, for a stream)
+            flow.metadata[METADATA_KEY] = {
+                "v": METADATA_VERSION, "timing": timing.to_plain(), "parsed": parsed.to_plain()}
         return timing, parsed
 
     def _build(self, st: _FlowState, flow_id: str,

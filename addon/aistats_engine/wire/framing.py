@@ -26,8 +26,9 @@ class _TextFramer:
 
     def __init__(self, max_event: int = 4 << 20) -> None:
         self._buf = b""
-        # Later pieces of the event kept in ``_buf``, not joined to it yet (``_held``).
-        self._open: list[bytes] = []
+        # Later pieces of the event kept in ``_buf``, not joined to it yet (``_held``); None
+        # when there are none (most streams: one list fewer per open stream).
+        self._open: list[bytes] | None = None
         self._open_len = 0
         self.max_event = max_event
         self.oversized = 0
@@ -55,15 +56,18 @@ class _TextFramer:
         k = len(end) - 1
         if k and end in last[-k:] + data[:k]:
             return False
-        self._open.append(data)
+        if self._open is None:
+            self._open = [data]
+        else:
+            self._open.append(data)
         self._open_len += len(data)
         return True
 
     def _join(self) -> None:
         """The held pieces joined to ``_buf``: one copy for all of them."""
-        if self._open:
+        if self._open is not None:
             self._buf = b"".join([self._buf, *self._open])
-            self._open.clear()
+            self._open = None
             self._open_len = 0
 
     def at_boundary(self) -> bool:
