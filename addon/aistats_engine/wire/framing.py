@@ -42,10 +42,24 @@ class _TextFramer:
     def _held(self, data: bytes, end: bytes) -> bool:
         """Keep ``data`` as one more piece of the event being kept, without joining it, when it
         cannot end that event: no ``end`` in it nor across the join, no carriage return, and
-        the event within ``max_event``. Joining each chunk of a large event (a streamed image:
-        megabytes of base64) copied and searched the whole event again per chunk. Processing
-        the joined pieces later gives what processing each at once would have: none of them
-        completes an event, and the framers give the same events however a stream is cut."""
+        the event within ``max_event``. Otherwise (False) the pieces held so far are joined to
+        ``_buf``, which then holds all that is kept. Joining each chunk of a large event (a
+        streamed image: megabytes of base64) copied and searched the whole event again per
+        chunk. Processing the joined pieces later gives what processing each at once would
+        have: none of them completes an event, and the framers give the same events however a
+        stream is cut."""
+        if not self._holds(data, end):
+            self._join()
+            return False
+        if self._open is None:
+            self._open = [data]
+        else:
+            self._open.append(data)
+        self._open_len += len(data)
+        return True
+
+    def _holds(self, data: bytes, end: bytes) -> bool:
+        """Whether ``data`` can be held (``_held``)."""
         buf = self._buf
         if (not buf or self._skipping or end in data or b"\r" in data
                 or len(buf) + self._open_len + len(data) > self.max_event):
@@ -54,14 +68,7 @@ class _TextFramer:
         if last[-1:] == b"\r":  # a CR kept back (half a CRLF?): the normal path decides
             return False
         k = len(end) - 1
-        if k and end in last[-k:] + data[:k]:
-            return False
-        if self._open is None:
-            self._open = [data]
-        else:
-            self._open.append(data)
-        self._open_len += len(data)
-        return True
+        return not (k and end in last[-k:] + data[:k])
 
     def _join(self) -> None:
         """The held pieces joined to ``_buf``: one copy for all of them."""
@@ -87,7 +94,6 @@ class SSEFramer(_TextFramer):
     def feed(self, data: bytes) -> list[Event]:
         if self._held(data, b"\n\n"):
             return []
-        self._join()
         buf = self._buf + data if self._buf else data
         if b"\r" in buf:
             # A trailing CR may be the first half of a CRLF split across chunks: keep it back.
@@ -107,7 +113,6 @@ class SSEFramer(_TextFramer):
         (carriage returns are normalised) — then feed the chunks one by one."""
         if self._held(data, b"\n\n"):
             return []
-        self._join()
         if self._skipping or b"\r" in data or b"\r" in self._buf:
             return None
         shift = len(self._buf)
@@ -125,7 +130,6 @@ class SSEFramer(_TextFramer):
             return [], []
         if self._skipping:
             return None
-        self._join()
         shift = len(self._buf)
         text = self._buf + data if shift else data
         if len(text) > self.max_event or b"\r" in text:
@@ -237,7 +241,6 @@ class NDJSONFramer(_TextFramer):
     def feed(self, data: bytes) -> list[Event]:
         if self._held(data, b"\n"):
             return []
-        self._join()
         buf = self._buf + data if self._buf else data
         lines = buf.split(b"\n")
         self._buf = _keep_rest(self, lines, len(buf))
@@ -250,7 +253,6 @@ class NDJSONFramer(_TextFramer):
             return []
         if self._skipping:
             return None
-        self._join()
         shift = len(self._buf)
         return [(None, s, end - shift) for line, end in _blocks(self, self._buf + data, b"\n")
                 if (s := line.strip())]
